@@ -1,0 +1,9 @@
+"""The one exception type for problems a user can fix (bad data, weights, flags, paths)."""
+
+
+class InputError(ValueError):
+    """Bad input that the user can fix.
+
+    The message is one sentence that names the problem and the fix; the scripts print it
+    as a single line and exit with status 2, without a traceback.
+    """

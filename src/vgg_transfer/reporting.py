@@ -1,0 +1,174 @@
+"""Evaluation on the test set and every file of a run folder.
+
+All test figures come from one unshuffled pass of the whole saved model over the test
+images, so predictions and labels are aligned by construction; the classification report,
+metrics.json and predictions.csv are all computed from that one pass.
+"""
+
+import csv
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only; no display is needed or wanted.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import metrics as sk_metrics  # noqa: E402
+
+from vgg_transfer import model as models  # noqa: E402
+from vgg_transfer import runs  # noqa: E402
+
+MODEL_FILE_NAME = "model.keras"
+
+
+def predict_test_set(classifier, dataset, batch_size, verbose=0):
+    """Class probabilities (N_test, num_classes) for the test images, in their stored order."""
+    probabilities = classifier.predict(dataset.x_test, batch_size=batch_size, verbose=verbose)
+    return np.asarray(probabilities, dtype=np.float64)
+
+
+def cross_entropy(probabilities, labels):
+    """Mean categorical cross-entropy, with Keras's clipping (epsilon 1e-7)."""
+    chosen = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(chosen, 1e-7, 1.0))))
+
+
+def finish_run(run, classifier, dataset, history, config, weights, extra=None):
+    """Evaluates `classifier` on the test set, writes every report file and publishes the run.
+
+    Args:
+        run: the `runs.Run` being written; it is renamed to its final name at the end.
+        classifier: the whole model (raw uint8 images in, class probabilities out), with
+            its best weights.
+        dataset: the `data.Dataset` it was trained on.
+        history: the `keras.callbacks.History` of training (or a list of them, in order).
+        config: the resolved configuration from `cli.parse_config`.
+        weights: the `model.Weights` used, for the record.
+        extra: more entries for metrics.json.
+
+    Returns:
+        The metrics dict that was written to metrics.json.
+    """
+    verbose = 0 if config.quiet else "auto"
+    with run.timed("evaluation"):
+        probabilities = predict_test_set(classifier, dataset, config.batch_size, verbose)
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    labels = dataset.y_test
+    names = list(dataset.class_names)
+    label_ids = list(range(len(names)))
+
+    report_text = sk_metrics.classification_report(
+        labels, predicted, labels=label_ids, target_names=names, digits=4, zero_division=0
+    )
+    report = sk_metrics.classification_report(
+        labels, predicted, labels=label_ids, target_names=names, output_dict=True, zero_division=0
+    )
+    (run.path / "classification_report.txt").write_text(
+        f"{run.script_name}: test set, {len(labels)} images, model {MODEL_FILE_NAME}\n\n{report_text}"
+    )
+    _write_predictions(run.path / "predictions.csv", labels, predicted, confidence, names)
+
+    histories = history if isinstance(history, list) else [history]
+    epochs = {key: [value for h in histories for value in h.history.get(key, [])]
+              for key in ("loss", "val_loss", "accuracy", "val_accuracy")}
+    plot_loss(run.path / "loss_plot.png", epochs, f"{run.script_name}: {run.final_path.name}")
+    plot_confusion_matrix(
+        run.path / "confusion_matrix.png", sk_metrics.confusion_matrix(labels, predicted, labels=label_ids), names,
+        f"{run.script_name}: {run.final_path.name}, test accuracy {float(np.mean(predicted == labels)):.2%}",
+    )
+    classifier.save(run.path / MODEL_FILE_NAME)
+
+    trainable, total = models.count_parameters(classifier)
+    best_epoch = int(np.argmin(epochs["val_loss"])) if epochs["val_loss"] else None
+    metrics = {
+        "script": run.script_name,
+        "run": run.final_path.name,
+        "test_accuracy": float(np.mean(predicted == labels)),
+        "test_loss": cross_entropy(probabilities, labels),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        "per_class": {
+            name: {
+                "precision": float(report[name]["precision"]),
+                "recall": float(report[name]["recall"]),
+                "f1": float(report[name]["f1-score"]),
+                "support": int(report[name]["support"]),
+            }
+            for name in names
+        },
+        "best_val_accuracy": float(max(epochs["val_accuracy"])) if epochs["val_accuracy"] else None,
+        "best_val_loss": float(min(epochs["val_loss"])) if epochs["val_loss"] else None,
+        "best_epoch": None if best_epoch is None else best_epoch + 1,
+        "epochs_run": len(epochs["loss"]),
+        "seconds": {**{k: round(v, 2) for k, v in run.seconds.items()}, "total": round(run.elapsed(), 2)},
+        "hyperparameters": config.hyperparameters,
+        "seed": config.seed,
+        "subset": config.subset,
+        "data": dataset.summary(),
+        "weights": weights.source,
+        "model": {"name": classifier.name, "trainable_parameters": trainable, "total_parameters": total},
+        "environment": runs.environment(),
+        **(extra or {}),
+    }
+    (run.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    final_path = run.finish()
+    print(f"Run folder: {final_path}")
+    print(f"Test accuracy: {metrics['test_accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f}, "
+          f"{len(labels)} test images, {metrics['seconds']['total']:.0f} s)")
+    return metrics
+
+
+def _write_predictions(path, labels, predicted, confidence, names):
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["test_index", "true_class", "predicted_class", "confidence"])
+        for index, (true, guess, score) in enumerate(zip(labels, predicted, confidence)):
+            writer.writerow([index, names[true], names[guess], f"{score:.6f}"])
+
+
+def plot_loss(path, epochs, title):
+    """Training and validation loss (left) and accuracy (right) per epoch."""
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axes, key, label in ((loss_axes, "loss", "cross-entropy loss"), (accuracy_axes, "accuracy", "accuracy")):
+        for prefix, name in (("", "training"), ("val_", "validation")):
+            values = epochs.get(prefix + key) or []
+            axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    loss_axes.set_title("Loss")
+    accuracy_axes.set_title("Accuracy")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_confusion_matrix(path, matrix, class_names, title):
+    """Counts (left) and rows normalised to recall (right); rows are true classes."""
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.55 * len(class_names) + 2.5)
+    figure, panels = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for axes, values, subtitle, fmt in (
+        (panels[0], matrix, "counts", "d"),
+        (panels[1], normalised, "normalised by true class", ".2f"),
+    ):
+        image = axes.imshow(values, cmap="Blues")
+        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+        ticks = np.arange(len(class_names))
+        axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+        axes.set_yticks(ticks, class_names)
+        axes.set_xlabel("predicted class")
+        axes.set_ylabel("true class")
+        axes.set_title(subtitle)
+        if len(class_names) <= 20:
+            threshold = values.max() / 2 if values.max() else 1
+            for row in range(len(class_names)):
+                for column in range(len(class_names)):
+                    axes.text(column, row, format(values[row, column], fmt), ha="center", va="center", fontsize=7,
+                              color="white" if values[row, column] > threshold else "black")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,130 @@
+"""One folder per run under `out/<script>/`, written so that nothing earlier is ever lost.
+
+A run works in a hidden `.<name>.partial` folder and is renamed to its final name only
+when everything is written, so a folder without the dot is always a complete run, a
+failed or interrupted run never looks complete, and no run overwrites another.
+"""
+
+import contextlib
+import os
+import platform
+import time
+from pathlib import Path
+
+from vgg_transfer.errors import InputError
+
+
+def check_writable(out_dir):
+    """Raises InputError unless runs can be written under `out_dir` (checked before any work)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(
+            f"cannot write to the output folder {out_dir} ({error.strerror or error}); pass --out DIR with a writable folder"
+        ) from None
+
+
+class Run:
+    """A run folder being written: `path` while working, `final_path` once `finish()` is called.
+
+    The folder is made on first use of `path`, so a run that stops on bad input before
+    writing anything leaves nothing behind. Also keeps the wall-clock seconds of each
+    phase (`timed`) for metrics.json.
+    """
+
+    def __init__(self, out_dir, script_name):
+        self.script_name = script_name
+        self.parent = Path(out_dir) / script_name
+        self.final_path = None
+        self._path = None
+        self.seconds = {}
+        self._started = time.perf_counter()
+
+    @property
+    def path(self):
+        if self._path is None:
+            self._path, self.final_path = self._claim_name()
+        return self._path
+
+    def _claim_name(self):
+        """Reserves (partial folder, final folder) under a name that no run has taken."""
+        self.parent.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1, 1000):
+            name = stamp if attempt == 1 else f"{stamp}-{attempt}"
+            final_path, partial_path = self.parent / name, self.parent / f".{name}.partial"
+            if final_path.exists():
+                continue
+            try:
+                partial_path.mkdir()
+            except FileExistsError:  # Another run took the name between the check and mkdir.
+                continue
+            return partial_path, final_path
+        raise RuntimeError(f"no free run folder name under {self.parent}")
+
+    @contextlib.contextmanager
+    def timed(self, phase):
+        """Adds the wall-clock seconds of the `with` block to `seconds[phase]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def elapsed(self):
+        return time.perf_counter() - self._started
+
+    def finish(self):
+        """Publishes the folder under its final name; call after every file is written."""
+        os.rename(self.path, self.final_path)
+        self._path = self.final_path
+        return self.final_path
+
+
+def environment():
+    """Backend, device and package versions, for metrics.json."""
+    import importlib.metadata
+
+    import keras
+
+    versions = {"python": platform.python_version()}
+    for package in ("keras", "tensorflow", "jax", "torch", "numpy", "scikit-learn", "matplotlib", "pillow"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {
+        "backend": keras.config.backend(),
+        "device": device_description(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "versions": versions,
+    }
+
+
+def device_description():
+    """What the backend computes on, e.g. "GPU (NVIDIA H100 80GB HBM3)" or "CPU"."""
+    import keras
+
+    backend = keras.config.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            devices = jax.devices()
+            return f"{devices[0].platform.upper()} ({devices[0].device_kind}) x{len(devices)}"
+        if backend == "tensorflow":
+            import tensorflow as tf  # TensorFlow-only: asks TF which devices it will use.
+
+            gpus = tf.config.list_physical_devices("GPU")
+            return f"GPU x{len(gpus)}" if gpus else "CPU"
+        if backend == "torch":
+            import torch
+
+            return f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
+    except Exception:  # Reporting the device must never stop a run.
+        pass
+    return "unknown"

@@ -1,0 +1,47 @@
+"""Training with the project's standard callbacks, all of which watch validation figures."""
+
+import keras
+
+
+def standard_callbacks(run, config, monitor="val_loss"):
+    """Early stopping (best weights restored), learning-rate reduction, checkpoint, CSV log.
+
+    Args:
+        run: the `runs.Run` being written (checkpoint and history go into its folder).
+        config: uses `early_stopping_patience`, `reduce_lr_patience` and `reduce_lr_factor`.
+        monitor: a validation figure; never a test figure.
+    """
+    checkpoint_dir = run.path / "checkpoints"
+    checkpoint_dir.mkdir(exist_ok=True)
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor=monitor, patience=config.early_stopping_patience, restore_best_weights=True, verbose=1
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience, verbose=1
+        ),
+        keras.callbacks.ModelCheckpoint(checkpoint_dir / "best.keras", monitor=monitor, save_best_only=True),
+        keras.callbacks.CSVLogger(run.path / "history.csv"),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+
+
+def fit(model, x, y, validation_data, run, config):
+    """Trains `model` (already compiled) with `standard_callbacks`; returns the `History`.
+
+    Args:
+        x, y: training inputs and int labels.
+        validation_data: (x_val, y_val); required, because every callback watches it.
+        config: uses `epochs`, `batch_size`, `quiet` and what `standard_callbacks` uses.
+
+    The model ends with the weights of its best validation epoch.
+    """
+    with run.timed("training"):
+        return model.fit(
+            x, y,
+            validation_data=validation_data,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            callbacks=standard_callbacks(run, config),
+            verbose=0 if config.quiet else "auto",
+        )

@@ -1,0 +1,37 @@
+"""Fixtures shared by the tests: isolated in/ and cache folders, the shared offline data.
+
+The shared data (`../shared/data`: CIFAR-10 as JPEG folders and VGG16's ImageNet notop
+weights) is needed by the end-to-end tests. Where it is absent they are skipped, unless
+REQUIRE_SHARED_DATA=1 (as CI sets), where its absence is a failure.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VGG_TRANSFER_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+CIFAR_JPEG_ARCHIVE = SHARED_DATA / "cifar-10-images-jpg.tar.gz"
+IMAGENET_WEIGHTS = SHARED_DATA / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_folders(tmp_path_factory):
+    """An empty in/ and one cache for the whole session, so the user's in/ never leaks in
+    and the shared JPEG archive is decoded once for all tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path_factory.mktemp("in")))
+        patch.setenv("VGG_TRANSFER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """(cifar archive, imagenet weights) paths from ../shared/data."""
+    if not (CIFAR_JPEG_ARCHIVE.is_file() and IMAGENET_WEIGHTS.is_file()):
+        message = f"the shared data is not at {SHARED_DATA} (set VGG_TRANSFER_SHARED_DATA)"
+        if os.environ.get("REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return CIFAR_JPEG_ARCHIVE, IMAGENET_WEIGHTS

@@ -1,0 +1,231 @@
+"""Data loading on data the tests make themselves: the python-format tarball written in the
+real format, an extracted batches folder, and image-folder trees of mixed formats and sizes."""
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vgg_transfer import data
+from vgg_transfer.errors import InputError
+
+CLASSES = ("cat", "dog", "frog")
+
+
+def _cifar_batch(labels, seed):
+    """A batch dict as in the real files: b'data' is (N, 3072) uint8, channel-major rows."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = np.asarray(labels, dtype=np.uint8)[:, None, None] * 50  # red encodes the label
+    return {
+        b"batch_label": b"testing batch",
+        b"labels": list(labels),
+        b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1),
+        b"filenames": [f"image_{i}.png".encode() for i in range(len(labels))],
+    }, images
+
+
+def write_cifar_python(folder, per_batch=12):
+    """Writes cifar-10-batches-py/ like the official archive; returns (folder, train, test)."""
+    batches_dir = folder / "cifar-10-batches-py"
+    batches_dir.mkdir(parents=True)
+    train_images = []
+    for index in range(1, 6):
+        batch, images = _cifar_batch([i % 3 for i in range(per_batch)], seed=index)
+        (batches_dir / f"data_batch_{index}").write_bytes(pickle.dumps(batch))
+        train_images.append(images)
+    test_batch, test_images = _cifar_batch([i % 3 for i in range(per_batch)], seed=9)
+    (batches_dir / "test_batch").write_bytes(pickle.dumps(test_batch))
+    meta = {b"label_names": [name.encode() for name in CLASSES], b"num_vis": 3072}
+    (batches_dir / "batches.meta").write_bytes(pickle.dumps(meta))
+    (batches_dir / "readme.html").write_text("<html></html>")
+    return batches_dir, np.concatenate(train_images), test_images
+
+
+def _image_bytes(image, fmt):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_image_tree(root, splits=("train", "test"), per_class=4):
+    """An image-folder tree whose files vary in format, mode and size."""
+    rng = np.random.default_rng(0)
+    variants = [
+        ("png", lambda a: Image.fromarray(a)),
+        ("jpg", lambda a: Image.fromarray(a).resize((40, 30))),
+        ("bmp", lambda a: Image.fromarray(a).convert("L")),
+        ("png", lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 128, np.uint8)]))),
+        ("gif", lambda a: Image.fromarray(a).convert("P")),
+        ("png", lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257)),
+        ("png", lambda a: Image.fromarray(a).resize((16, 16))),
+    ]
+    for split in splits:
+        for class_index, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                array = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                fmt, make = variants[(i + class_index) % len(variants)]
+                (folder / f"{i:04d}.{fmt}").write_bytes(_image_bytes(make(array), {"jpg": "JPEG"}.get(fmt, fmt.upper())))
+    return root
+
+
+def test_cifar_python_tarball_decodes_like_the_real_format(tmp_path):
+    batches_dir, train_images, test_images = write_cifar_python(tmp_path / "src")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(batches_dir, arcname="cifar-10-batches-py")
+
+    dataset = data.load_dataset(archive, validation_split=0.25, seed=0, cache_dir=tmp_path / "cache", verbose=False)
+
+    assert dataset.class_names == CLASSES
+    assert dataset.x_test.shape == (12, 32, 32, 3) and dataset.x_test.dtype == np.uint8
+    np.testing.assert_array_equal(dataset.x_test, test_images)  # test order and pixels preserved
+    assert len(dataset.y_train) + len(dataset.y_val) == 60
+    for x, y in ((dataset.x_train, dataset.y_train), (dataset.x_val, dataset.y_val)):
+        np.testing.assert_array_equal(x[:, 0, 0, 0], y * 50)  # every image still has its own label
+
+
+def test_extracted_batches_folder_gives_the_same_arrays_as_the_tarball(tmp_path):
+    batches_dir, _, _ = write_cifar_python(tmp_path / "src")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(batches_dir, arcname="cifar-10-batches-py")
+    from_folder = data.load_dataset(batches_dir, seed=3, cache_dir=tmp_path / "c1", verbose=False)
+    from_parent = data.load_dataset(batches_dir.parent, seed=3, cache_dir=tmp_path / "c2", verbose=False)
+    from_archive = data.load_dataset(archive, seed=3, cache_dir=tmp_path / "c3", verbose=False)
+    for other in (from_parent, from_archive):
+        np.testing.assert_array_equal(from_folder.x_train, other.x_train)
+        np.testing.assert_array_equal(from_folder.y_val, other.y_val)
+
+
+def test_image_tree_of_mixed_formats_and_sizes_becomes_one_rgb_array(tmp_path):
+    root = write_image_tree(tmp_path / "tree")
+    dataset = data.load_dataset(root, validation_split=0.25, seed=0, cache_dir=tmp_path / "cache", verbose=False)
+    assert dataset.class_names == CLASSES
+    assert dataset.x_train.shape[1:] == (32, 32, 3) and dataset.x_train.dtype == np.uint8
+    assert len(dataset.y_train) == 9 and len(dataset.y_val) == 3 and len(dataset.y_test) == 12
+    assert sorted(np.bincount(dataset.y_test)) == [4, 4, 4]
+    # 16-bit grey is scaled to 8 bits, not clipped to white.
+    assert dataset.x_train.mean() < 250
+
+
+def test_image_tree_in_an_archive_with_a_top_folder(tmp_path):
+    root = write_image_tree(tmp_path / "my-images")
+    archive = tmp_path / "my-images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="my-images")
+    from_archive = data.load_dataset(archive, seed=1, cache_dir=tmp_path / "c1", verbose=False)
+    from_folder = data.load_dataset(root, seed=1, cache_dir=tmp_path / "c2", verbose=False)
+    np.testing.assert_array_equal(from_archive.x_test, from_folder.x_test)
+    np.testing.assert_array_equal(from_archive.y_train, from_folder.y_train)
+
+
+def test_validation_folder_is_used_when_present(tmp_path):
+    root = write_image_tree(tmp_path / "tree", splits=("train", "validation", "test"), per_class=3)
+    dataset = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    assert len(dataset.y_train) == 9 and len(dataset.y_val) == 9
+    assert "validation folder" in dataset.validation_source
+
+
+def test_unreadable_and_non_image_files_are_skipped_with_a_count(tmp_path):
+    root = write_image_tree(tmp_path / "tree", per_class=3)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="Skipped 2 files"):
+        dataset = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    assert len(dataset.y_train) + len(dataset.y_val) == 9
+
+
+def test_decoded_images_are_cached(tmp_path, monkeypatch):
+    root = write_image_tree(tmp_path / "tree", per_class=3)
+    first = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    assert list((tmp_path / "cache").glob("decoded-*.npz"))
+
+    def no_decoding(path):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data, "_decode_image_folders", no_decoding)
+    second = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    np.testing.assert_array_equal(first.x_train, second.x_train)
+    assert first.class_names == second.class_names
+
+
+def test_a_corrupt_cache_is_rebuilt(tmp_path):
+    root = write_image_tree(tmp_path / "tree", per_class=3)
+    first = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    (cache_file,) = (tmp_path / "cache").glob("decoded-*.npz")
+    cache_file.write_bytes(cache_file.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable data cache"):
+        second = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    np.testing.assert_array_equal(first.x_test, second.x_test)
+
+
+def test_stratified_split_is_disjoint_proportional_and_seeded():
+    labels = np.repeat(np.arange(4), [100, 50, 20, 10])
+    kept, held = data.stratified_split(labels, 0.1, np.random.default_rng(7))
+    assert len(np.intersect1d(kept, held)) == 0 and len(kept) + len(held) == len(labels)
+    np.testing.assert_array_equal(np.bincount(labels[held]), [10, 5, 2, 1])
+    again, _ = data.stratified_split(labels, 0.1, np.random.default_rng(7))
+    other, _ = data.stratified_split(labels, 0.1, np.random.default_rng(8))
+    np.testing.assert_array_equal(kept, again)
+    assert not np.array_equal(kept, other)
+
+
+def test_subset_is_stratified_in_train_and_test(tmp_path):
+    batches_dir, _, _ = write_cifar_python(tmp_path / "src", per_batch=60)  # 300 train, 60 test
+    dataset = data.load_dataset(batches_dir, validation_split=0.2, subset=90, cache_dir=tmp_path / "c", verbose=False)
+    assert len(dataset.y_train) + len(dataset.y_val) == 90
+    np.testing.assert_array_equal(np.bincount(dataset.y_test), [6, 6, 6])
+    np.testing.assert_array_equal(np.bincount(dataset.y_val), [6, 6, 6])
+
+
+def test_data_found_in_the_in_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path / "in"))
+    write_cifar_python(tmp_path / "in")
+    dataset = data.load_dataset(cache_dir=tmp_path / "cache", verbose=False)
+    assert "cifar-10-batches-py" in dataset.source and dataset.class_names == CLASSES
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "missing", "no such file or folder"),
+        (lambda tmp: (tmp / "x.tar.gz").write_bytes(b"not a tarball at all") and tmp / "x.tar.gz", "cannot read the archive"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "none of the accepted forms"),
+        (lambda tmp: (tmp / "a.txt").write_text("x") and tmp / "a.txt", "none of the accepted forms"),
+    ],
+    ids=["missing", "corrupt-tarball", "empty-folder", "other-file"],
+)
+def test_bad_data_paths_raise_one_clear_error(tmp_path, make, message):
+    with pytest.raises(InputError, match=message):
+        data.load_dataset(make(tmp_path), cache_dir=tmp_path / "cache", verbose=False)
+
+
+def test_truncated_tarball_is_reported(tmp_path):
+    batches_dir, _, _ = write_cifar_python(tmp_path / "src", per_batch=200)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(batches_dir, arcname="cifar-10-batches-py")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(InputError, match="archive"):
+        data.load_dataset(archive, cache_dir=tmp_path / "cache", verbose=False)
+
+
+def test_one_class_and_mismatched_test_classes_are_rejected(tmp_path):
+    root = write_image_tree(tmp_path / "tree", per_class=2)
+    (root / "test" / "horse").mkdir()
+    (root / "test" / "horse" / "a.png").write_bytes((root / "test" / "cat" / "0000.png").read_bytes())
+    with pytest.raises(InputError, match="classes that train/ lacks"):
+        data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+
+    single = tmp_path / "single"
+    for split in ("train", "test"):
+        (single / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(single / split / "cat" / "a.png")
+    with pytest.raises(InputError, match="at least two classes"):
+        data.load_dataset(single, cache_dir=tmp_path / "cache", verbose=False)

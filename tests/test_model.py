@@ -1,0 +1,89 @@
+"""The base, its weights and the in-model preprocessing, built with weights=None where only built."""
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from vgg_transfer import data, model as models
+from vgg_transfer.errors import InputError
+
+RANDOM = models.Weights(None, "none")
+
+
+def test_preprocess_layer_equals_vgg16_preprocess_input():
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    layer_output = keras.ops.convert_to_numpy(models.VGG16Preprocess()(images))
+    expected = keras.applications.vgg16.preprocess_input(images.astype("float32"))
+    np.testing.assert_allclose(layer_output, expected, atol=1e-4)
+
+
+def test_base_cut_at_a_named_layer_has_that_output():
+    base = models.build_vgg16_base(RANDOM, 32, output_layer="block4_pool")
+    assert base.output.shape[1:] == (2, 2, 512)
+    assert base.layers[-1].name == "block4_pool"
+    assert "block5_conv1" not in [layer.name for layer in base.layers]
+
+
+def test_frozen_extractor_freezes_every_base_weight_and_resizes_inside():
+    base = models.build_vgg16_base(RANDOM, 64, output_layer="block5_pool")
+    extractor = models.frozen_feature_extractor(base, (32, 32, 3), 64)
+    assert extractor.trainable_weights == [] and len(base.non_trainable_weights) == 26
+    assert [layer.name for layer in extractor.layers][:3] == ["image", "vgg16_preprocess", "resize"]
+    assert extractor.input.dtype == "uint8"
+    features = extractor.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    assert features.shape == (2, 2, 2, 512)  # 64 px in: five poolings leave 2x2
+
+
+def test_imagenet_weights_from_in_folder_are_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path))
+    assert models.resolve_weights("imagenet").keras_argument == "imagenet"
+    (tmp_path / models.WEIGHTS_FILE_NAME).write_bytes(b"")
+    assert models.resolve_weights("imagenet").keras_argument == str(tmp_path / models.WEIGHTS_FILE_NAME)
+    assert models.resolve_weights("none").keras_argument is None
+
+
+def test_weights_file_missing_corrupt_or_of_another_architecture(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        models.resolve_weights(str(tmp_path / "absent.h5"))
+
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(InputError, match="not a Keras VGG16 notop weights file"):
+        models.build_vgg16_base(models.resolve_weights(str(corrupt)), 32)
+
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
+    other_file = tmp_path / "other.weights.h5"
+    other.save_weights(other_file)
+    legacy = tmp_path / "other_model.h5"
+    with h5py.File(legacy, "w") as file:  # legacy layout, but the layers of another model
+        file.attrs["layer_names"] = [b"dense"]
+        group = file.create_group("dense")
+        group.attrs["weight_names"] = [b"dense/kernel:0"]
+        group.create_dataset("dense/kernel:0", data=np.zeros((8, 4), np.float32))
+    for path in (other_file, legacy):
+        with pytest.raises(InputError, match="not a Keras VGG16 notop weights file"):
+            models.build_vgg16_base(models.resolve_weights(str(path)), 32)
+
+
+def test_bad_image_size_and_layer_names():
+    with pytest.raises(InputError, match="at least 32"):
+        models.build_vgg16_base(RANDOM, 16)
+    with pytest.raises(InputError, match="not a VGG16 layer"):
+        models.build_vgg16_base(RANDOM, 32, output_layer="block6_pool")
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (Image.fromarray(np.full((4, 4), 100 * 257, np.uint16)), 100),  # 16-bit grey, scaled
+        (Image.fromarray(np.full((4, 4, 4), (10, 20, 30, 0), np.uint8)), 255),  # transparent: white
+        (Image.fromarray(np.full((4, 4), 77, np.uint8)), 77),  # 8-bit grey
+    ],
+    ids=["16-bit", "rgba", "grey"],
+)
+def test_any_mode_becomes_8_bit_rgb(image, expected):
+    rgb = np.asarray(data.to_rgb(image))
+    assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+    assert np.all(rgb == expected)
