@@ -23,18 +23,20 @@ from keras import layers
 from vgg_transfer import cli, data, features, model as models, reporting, runs, training
 
 # Hyperparameters: edit here, or override with the flag of the same name (--epochs 5).
-EPOCHS = 60
-BATCH_SIZE = 256
+# The short schedule keeps a rerun under a minute on a 2-core CPU; --epochs 40 gains about
+# one point of accuracy for four times the training time (see the README).
+EPOCHS = 10
+BATCH_SIZE = 512
 LEARNING_RATE = 1e-3
 IMAGE_SIZE = 32
 VALIDATION_SPLIT = 0.1
 SEED = 42
 FEATURE_LAYER = "block4_pool"
-HEAD_UNITS = 1024
+HEAD_UNITS = 512
 INPUT_DROPOUT = 0.2
 HEAD_DROPOUT = 0.5
-EARLY_STOPPING_PATIENCE = 6
-REDUCE_LR_PATIENCE = 2
+EARLY_STOPPING_PATIENCE = 3
+REDUCE_LR_PATIENCE = 1
 REDUCE_LR_FACTOR = 0.2
 
 
@@ -85,6 +87,8 @@ def main(config):
     classifier = keras.Model(
         feature_extractor.input, head(feature_extractor.output), name="vgg16_frozen_functional"
     )
+    # Compiled with the head's loss and metric, so the saved model's evaluate() works as is.
+    classifier.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     reporting.finish_run(run, classifier, dataset, history, config, weights,
                          extra={"features_from_cache": from_cache, "api": "functional", "strategy": "frozen"})
 

@@ -5,7 +5,6 @@ the same base; computing the features once turns minutes per epoch into seconds.
 """
 
 import hashlib
-import json
 import os
 import warnings
 
@@ -13,6 +12,10 @@ import numpy as np
 
 from vgg_transfer import model as models
 from vgg_transfer import paths
+
+# Bumped whenever what goes into the features changes (e.g. the preprocessing), so that
+# old caches are not reused.
+CACHE_FORMAT_VERSION = 1
 
 
 def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, cache_dir=None):
@@ -61,9 +64,11 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
 
 
 def _cache_key(feature_extractor, image_sets):
-    digest = hashlib.sha1()
+    """Weights (values and shapes) and input and output shapes pin down the extractor: the
+    base's cut shows in its weights and output shape, the image size in the output shape."""
+    digest = hashlib.sha1(f"v{CACHE_FORMAT_VERSION}".encode())
     digest.update(models.weights_fingerprint(feature_extractor).encode())
-    digest.update(json.dumps(feature_extractor.get_config(), sort_keys=True, default=str).encode())
+    digest.update(f"{feature_extractor.input.shape}->{feature_extractor.output.shape}".encode())
     for name in sorted(image_sets):
         images = np.ascontiguousarray(image_sets[name])
         digest.update(f"{name}:{images.shape}:{images.dtype}".encode())

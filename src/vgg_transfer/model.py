@@ -154,10 +154,11 @@ def frozen_feature_extractor(base, image_shape, image_size):
 
 
 def weights_fingerprint(model):
-    """A digest of all of a model's weights: two models with the same digest compute the same."""
+    """A digest of a model's weight values and shapes, in order (layer names play no part,
+    since Keras numbers unnamed layers differently from one model to the next)."""
     digest = hashlib.sha1()
     for weight in model.weights:
-        digest.update(weight.path.encode())
+        digest.update(str(tuple(weight.shape)).encode())
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     return digest.hexdigest()[:20]
 
