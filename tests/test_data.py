@@ -229,3 +229,15 @@ def test_one_class_and_mismatched_test_classes_are_rejected(tmp_path):
         Image.new("RGB", (32, 32)).save(single / split / "cat" / "a.png")
     with pytest.raises(InputError, match="at least two classes"):
         data.load_dataset(single, cache_dir=tmp_path / "cache", verbose=False)
+
+
+def test_nothing_local_and_no_download_names_the_accepted_forms(tmp_path, monkeypatch):
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure on https://www.cs.toronto.edu/...: None -- no network")
+
+    monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path / "empty-in"))
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(InputError, match="CIFAR-10 download failed .*cifar-10-python.tar.gz.*--data PATH"):
+        data.load_dataset(cache_dir=tmp_path / "cache", verbose=False)

@@ -87,3 +87,13 @@ def test_any_mode_becomes_8_bit_rgb(image, expected):
     rgb = np.asarray(data.to_rgb(image))
     assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
     assert np.all(rgb == expected)
+
+
+def test_failed_imagenet_download_says_which_file_to_put_where(tmp_path, monkeypatch):
+    def offline(**kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: no network")
+
+    monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path))
+    monkeypatch.setattr(keras.applications, "VGG16", offline)
+    with pytest.raises(InputError, match=f"could not download the ImageNet weights .*{models.WEIGHTS_FILE_NAME} into"):
+        models.build_vgg16_base(models.resolve_weights("imagenet"), 32)

@@ -19,7 +19,6 @@ times), so a second run starts in about a second instead of decoding 60,000 file
 import dataclasses
 import hashlib
 import io
-import os
 import pickle
 import tarfile
 import warnings
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vgg_transfer import paths
+from vgg_transfer import cache, paths
 from vgg_transfer.errors import InputError
 
 CIFAR10_CLASS_NAMES = (
@@ -215,7 +214,7 @@ def _decode_cached(path, form, cache_dir):
         for field in dataclasses.fields(decoded)
         if getattr(decoded, field.name) is not None and field.name != "class_names"
     }
-    _save_npz_atomically(cache_file, class_names=np.array(decoded.class_names), **arrays)
+    cache.save_npz_atomically(cache_file, {"class_names": np.array(decoded.class_names), **arrays})
     return decoded
 
 
@@ -227,19 +226,6 @@ def _source_key(path):
         stat = file.stat()
         digest.update(f"{file.relative_to(path) if file != path else ''}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
-
-
-def _save_npz_atomically(path, **arrays):
-    """Writes to a temporary name and renames, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        warnings.warn(f"Could not write the cache {path} ({error}); the next run will decode again.")
 
 
 class _Members:

@@ -5,13 +5,12 @@ the same base; computing the features once turns minutes per epoch into seconds.
 """
 
 import hashlib
-import os
 import warnings
 
 import numpy as np
 
 from vgg_transfer import model as models
-from vgg_transfer import paths
+from vgg_transfer import cache, paths
 
 # Bumped whenever what goes into the features changes (e.g. the preprocessing), so that
 # old caches are not reused.
@@ -36,7 +35,7 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
     cache_dir = cache_dir or paths.cache_dir()
     cache_file = cache_dir / f"features-{_cache_key(feature_extractor, image_sets)}.npz"
     expected_shapes = {
-        name: (len(images), *feature_extractor.output.shape[1:]) for name, images in image_sets.items()
+        name: (len(images), *feature_extractor.outputs[0].shape[1:]) for name, images in image_sets.items()
     }
     if cache_file.is_file():
         try:
@@ -51,15 +50,7 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
         name: np.asarray(feature_extractor.predict(images, batch_size=batch_size, verbose=verbose), dtype=np.float32)
         for name, images in image_sets.items()
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            np.savez(file, **features)
-        os.replace(temporary, cache_file)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        warnings.warn(f"Could not write the feature cache {cache_file} ({error}); the next run extracts again.")
+    cache.save_npz_atomically(cache_file, features)
     return features, False
 
 
@@ -68,9 +59,62 @@ def _cache_key(feature_extractor, image_sets):
     base's cut shows in its weights and output shape, the image size in the output shape."""
     digest = hashlib.sha1(f"v{CACHE_FORMAT_VERSION}".encode())
     digest.update(models.weights_fingerprint(feature_extractor).encode())
-    digest.update(f"{feature_extractor.input.shape}->{feature_extractor.output.shape}".encode())
+    digest.update(f"{feature_extractor.inputs[0].shape}->{feature_extractor.outputs[0].shape}".encode())
     for name in sorted(image_sets):
         images = np.ascontiguousarray(image_sets[name])
         digest.update(f"{name}:{images.shape}:{images.dtype}".encode())
         digest.update(memoryview(images).cast("B"))
     return digest.hexdigest()[:24]
+
+
+def fit_head_on_cached_features(feature_extractor, head, dataset, run, config):
+    """Trains a compiled `head` on the frozen extractor's cached features.
+
+    The test images' features are cached too (never used in training): the whole model's
+    test predictions are the head's predictions on them (see `whole_model_test_probabilities`).
+
+    Returns:
+        (history, cached): the Keras `History`, and a dict with the "train", "val" and
+        "test" features and "from_cache" (whether they were read from the cache). The
+        extraction is timed as "features", the training as "training".
+    """
+    verbose = 0 if config.quiet else "auto"
+    with run.timed("features"):
+        cached, from_cache = cached_features(
+            feature_extractor, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test},
+            config.batch_size, verbose,
+        )
+    print(f"Features {tuple(feature_extractor.outputs[0].shape[1:])}: "
+          f"{'read from the cache' if from_cache else 'extracted and cached'} in {run.seconds['features']:.1f} s")
+    from vgg_transfer import training
+
+    history = training.fit(head, cached["train"], dataset.y_train, (cached["val"], dataset.y_val), run, config)
+    return history, {**cached, "from_cache": from_cache}
+
+
+# How many test images every run pushes through the whole model to prove that the head on
+# the cached test features computes what the whole model computes.
+VERIFIED_TEST_IMAGES = 256
+
+
+def whole_model_test_probabilities(classifier, head, test_features, dataset, batch_size, tolerance=1e-4):
+    """The whole model's class probabilities on the test images, without recomputing its frozen part.
+
+    `classifier` is `head` applied to the frozen extractor whose outputs `test_features`
+    are, so its predictions equal `head`'s on `test_features`. That is checked on every
+    call: the whole model predicts VERIFIED_TEST_IMAGES test images itself, and if any
+    probability differs by more than `tolerance`, a warning is given and the whole model
+    predicts every test image itself.
+
+    Returns:
+        float64 array (N_test, num_classes), in test-set order.
+    """
+    probabilities = np.asarray(head.predict(test_features, batch_size=batch_size, verbose=0), dtype=np.float64)
+    sample = dataset.x_test[:VERIFIED_TEST_IMAGES]
+    direct = np.asarray(classifier.predict(sample, batch_size=batch_size, verbose=0), dtype=np.float64)
+    difference = float(np.max(np.abs(direct - probabilities[: len(sample)])))
+    if difference > tolerance:
+        warnings.warn(f"The head on cached test features differs from the whole model by {difference:.2g}; "
+                      f"predicting every test image with the whole model instead.")
+        return np.asarray(classifier.predict(dataset.x_test, batch_size=batch_size, verbose=0), dtype=np.float64)
+    return probabilities

@@ -122,14 +122,17 @@ class VGG16Preprocess(keras.layers.Layer):
         return keras.ops.flip(images, axis=-1) - keras.ops.convert_to_tensor(self.BGR_MEANS, self.compute_dtype)
 
 
-def preprocess(images, image_size):
+def preprocess(images, image_size, augment=False):
     """Applies VGG16's preprocessing and resizes to `image_size` (a no-op when it already fits).
 
     Args:
         images: a symbolic Keras tensor of raw RGB images (batch, h, w, 3) in [0, 255].
         image_size: the side that the base expects.
+        augment: insert `augmentation()` (active in training only) before the resizing.
     """
     x = VGG16Preprocess(name="vgg16_preprocess")(images)
+    if augment:
+        x = augmentation()(x)
     if tuple(images.shape[1:3]) != (image_size, image_size):
         # Resizing inside the model: the data set is never stored upscaled.
         x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(x)
@@ -168,3 +171,109 @@ def count_parameters(model):
     trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
     total = sum(int(np.prod(weight.shape)) for weight in model.weights)
     return trainable, total
+
+
+def block_boundaries(base):
+    """The layer names a base can be unfrozen from: the first convolution of each block it has."""
+    return [layer.name for layer in base.layers if layer.name.endswith("_conv1")]
+
+
+def check_block_boundary(base, layer_name):
+    """Raises InputError unless `layer_name` is a block boundary of `base` (checked before training)."""
+    boundaries = block_boundaries(base)
+    if layer_name not in boundaries:
+        raise InputError(
+            f"--unfreeze-from {layer_name!r} is not a block boundary of the base; use one of {', '.join(boundaries)}"
+        )
+
+
+def unfreeze_from(base, layer_name):
+    """Makes `layer_name` and every layer after it trainable, and every layer before it frozen.
+
+    Args:
+        base: a model from `build_vgg16_base`.
+        layer_name: a block boundary, e.g. "block5_conv1" (see `block_boundaries`).
+
+    Raises:
+        InputError: a name that is not a block boundary of this base.
+    """
+    check_block_boundary(base, layer_name)
+    base.trainable = True
+    names = [layer.name for layer in base.layers]
+    first_trainable = names.index(layer_name)
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= first_trainable
+
+
+def split_base(base, layer_name):
+    """Splits a sequential VGG16 base before `layer_name` into (lower, upper) models.
+
+    `upper(lower(x))` computes `base(x)` with the same layer objects, so training `upper`
+    trains the base. Used to cache the frozen lower part's activations.
+    """
+    names = [layer.name for layer in base.layers]
+    index = names.index(layer_name)
+    lower = keras.Model(base.input, base.layers[index - 1].output, name="vgg16_lower")
+    upper_input = keras.Input(shape=lower.output.shape[1:], name="lower_activations")
+    x = upper_input
+    for layer in base.layers[index:]:
+        x = layer(x)
+    return lower, keras.Model(upper_input, x, name="vgg16_upper")
+
+
+def augmentation():
+    """Random horizontal flips and small translations; Keras applies them in training only."""
+    return keras.Sequential(
+        [keras.layers.RandomFlip("horizontal"), keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect")],
+        name="augmentation",
+    )
+
+
+@keras.saving.register_keras_serializable(package="vgg_transfer")
+class VGG16Classifier(keras.Model):
+    """A whole classifier by subclassing: raw uint8 images -> preprocessing -> base -> head.
+
+    Args:
+        base: a VGG16 base from `build_vgg16_base` (frozen or not, as the caller set it).
+        head: a Keras model from the base's output to class probabilities.
+        image_size: the side the base expects; images are resized to it inside `call`.
+        augment: apply `augmentation()` in training.
+
+    `get_config`/`from_config` serialise base and head, so a saved `.keras` file reloads
+    (after `import vgg_transfer`, which registers this class).
+    """
+
+    def __init__(self, base, head, image_size, augment=False, **kwargs):
+        super().__init__(**kwargs)
+        self.base = base
+        self.head = head
+        self.image_size = image_size
+        self.augment = augment
+        self.preprocess = VGG16Preprocess(name="vgg16_preprocess")
+        self.augmentation = augmentation() if augment else None
+        self.resize = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")
+
+    def call(self, images, training=False):
+        x = self.preprocess(images)
+        if self.augmentation is not None:
+            x = self.augmentation(x, training=training)
+        if tuple(x.shape[1:3]) != (self.image_size, self.image_size):
+            x = self.resize(x)
+        # training=False keeps any normalisation layers of the base in inference mode.
+        return self.head(self.base(x, training=False), training=training)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "base": keras.saving.serialize_keras_object(self.base),
+            "head": keras.saving.serialize_keras_object(self.head),
+            "image_size": self.image_size,
+            "augment": self.augment,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["base"] = keras.saving.deserialize_keras_object(config["base"])
+        config["head"] = keras.saving.deserialize_keras_object(config["head"])
+        return cls(**config)

@@ -33,7 +33,7 @@ def cross_entropy(probabilities, labels):
     return float(-np.mean(np.log(np.clip(chosen, 1e-7, 1.0))))
 
 
-def finish_run(run, classifier, dataset, history, config, weights, extra=None):
+def finish_run(run, classifier, dataset, history, config, weights, extra=None, test_probabilities=None):
     """Evaluates `classifier` on the test set, writes every report file and publishes the run.
 
     Args:
@@ -45,13 +45,17 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None):
         config: the resolved configuration from `cli.parse_config`.
         weights: the `model.Weights` used, for the record.
         extra: more entries for metrics.json.
+        test_probabilities: the classifier's test-set probabilities if the caller has them
+            (see `features.whole_model_test_probabilities`); else the classifier predicts.
 
     Returns:
         The metrics dict that was written to metrics.json.
     """
     verbose = 0 if config.quiet else "auto"
     with run.timed("evaluation"):
-        probabilities = predict_test_set(classifier, dataset, config.batch_size, verbose)
+        probabilities = test_probabilities
+        if probabilities is None:
+            probabilities = predict_test_set(classifier, dataset, config.batch_size, verbose)
     predicted = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
     labels = dataset.y_test
@@ -72,7 +76,8 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None):
     histories = history if isinstance(history, list) else [history]
     epochs = {key: [value for h in histories for value in h.history.get(key, [])]
               for key in ("loss", "val_loss", "accuracy", "val_accuracy")}
-    plot_loss(run.path / "loss_plot.png", epochs, f"{run.script_name}: {run.final_path.name}")
+    phase_starts = list(np.cumsum([len(h.history.get("loss", [])) for h in histories])[:-1])
+    plot_loss(run.path / "loss_plot.png", epochs, f"{run.script_name}: {run.final_path.name}", phase_starts)
     plot_confusion_matrix(
         run.path / "confusion_matrix.png", sk_metrics.confusion_matrix(labels, predicted, labels=label_ids), names,
         f"{run.script_name}: {run.final_path.name}, test accuracy {float(np.mean(predicted == labels)):.2%}",
@@ -126,13 +131,21 @@ def _write_predictions(path, labels, predicted, confidence, names):
             writer.writerow([index, names[true], names[guess], f"{score:.6f}"])
 
 
-def plot_loss(path, epochs, title):
-    """Training and validation loss (left) and accuracy (right) per epoch."""
+def plot_loss(path, epochs, title, phase_starts=()):
+    """Training and validation loss (left) and accuracy (right) per epoch.
+
+    `phase_starts` are the numbers of epochs done before each later phase began; each is
+    marked with a dashed line.
+    """
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for axes, key, label in ((loss_axes, "loss", "cross-entropy loss"), (accuracy_axes, "accuracy", "accuracy")):
         for prefix, name in (("", "training"), ("val_", "validation")):
             values = epochs.get(prefix + key) or []
             axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+        for number, start in enumerate(phase_starts, start=2):
+            axes.axvline(start + 0.5, color="grey", linestyle="--", linewidth=1)
+            axes.annotate(f"phase {number}", (start + 0.6, 1), xycoords=("data", "axes fraction"),
+                          va="top", fontsize=8, color="grey")
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)

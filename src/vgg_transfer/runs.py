@@ -128,3 +128,22 @@ def device_description():
     except Exception:  # Reporting the device must never stop a run.
         pass
     return "unknown"
+
+
+def prepare(config, script_name):
+    """What every script does first: check the output folder and the weights, then load the data.
+
+    Bad input is found here, before anything expensive, and raises `InputError`.
+
+    Returns:
+        (run, weights, dataset): the `Run` (its folder appears with its first file), the
+        resolved `model.Weights`, and the `data.Dataset` (its loading timed as "data").
+    """
+    from vgg_transfer import data, model as models
+
+    check_writable(config.out)
+    weights = models.resolve_weights(config.weights)
+    run = Run(config.out, script_name)
+    with run.timed("data"):
+        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+    return run, weights, dataset

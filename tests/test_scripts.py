@@ -1,0 +1,150 @@
+"""The script collection in quick mode (tiny real subset, one or two epochs), freezing policies
+checked by layer name, saved models of every API reloading, and the comparison table."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import compare
+import fine_tune
+import transfer_learning_sequential
+import transfer_learning_subclassed
+from vgg_transfer import cli, data, model as models
+from vgg_transfer.errors import InputError
+
+QUICK = ["--subset", "300", "--quiet"]
+
+
+def _run(script, out_dir, shared_data, *extra):
+    archive, weights = shared_data
+    argv = ["--data", str(archive), "--weights", str(weights), "--out", str(out_dir), *QUICK, *extra]
+    assert cli.run(script.main, script.__doc__, cli.constants(vars(script)), argv) == 0
+    name = script.__name__
+    (run_dir,) = [p for p in (out_dir / name).iterdir() if not p.name.startswith(".")]
+    return run_dir
+
+
+def _test_images(script, shared_data):
+    config = cli.parse_config("", cli.constants(vars(script)), QUICK)
+    return data.load_dataset(shared_data[0], config.validation_split, config.seed, config.subset, verbose=False)
+
+
+def _assert_reloads_with_the_same_predictions(run_dir, dataset):
+    model = keras.saving.load_model(run_dir / "model.keras")
+    probabilities = model.predict(dataset.x_test, verbose=0)
+    with open(run_dir / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [dataset.class_names[i] for i in probabilities.argmax(axis=1)] == [row["predicted_class"] for row in rows]
+    np.testing.assert_allclose(probabilities.max(axis=1), [float(row["confidence"]) for row in rows], atol=1e-4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("script-runs")
+
+
+def _trainable_base_layers(model):
+    return sorted({weight.path.split("/")[0] for weight in model.trainable_weights if weight.path.startswith("block")})
+
+
+@pytest.mark.parametrize(
+    "unfreeze_from, expected",
+    [
+        ("block5_conv1", ["block5_conv1", "block5_conv2", "block5_conv3"]),
+        ("block4_conv1", ["block4_conv1", "block4_conv2", "block4_conv3", "block5_conv1", "block5_conv2", "block5_conv3"]),
+    ],
+)
+def test_unfreezing_makes_exactly_the_named_layers_trainable(unfreeze_from, expected):
+    base = models.build_vgg16_base(models.Weights(None, "none"), 32)
+    models.unfreeze_from(base, unfreeze_from)
+    assert _trainable_base_layers(base) == expected
+    models.frozen_feature_extractor(base, (32, 32, 3), 32)
+    assert base.trainable_weights == []
+
+
+def test_unfreezing_from_a_layer_that_is_no_block_boundary_is_rejected():
+    base = models.build_vgg16_base(models.Weights(None, "none"), 32)
+    for name in ("block5_conv2", "block9_conv1", "dense"):
+        with pytest.raises(InputError, match="not a block boundary"):
+            models.unfreeze_from(base, name)
+
+
+def test_split_base_computes_the_same_as_the_whole_base():
+    base = models.build_vgg16_base(models.Weights(None, "none"), 32)
+    lower, upper = models.split_base(base, "block5_conv1")
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(upper.predict(lower.predict(images, verbose=0), verbose=0),
+                               base.predict(images, verbose=0), rtol=1e-4, atol=1e-4)
+
+
+def test_subclassed_model_runs_end_to_end_and_reloads(out_dir, shared_data):
+    run_dir = _run(transfer_learning_subclassed, out_dir, shared_data, "--epochs", "2")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["api"] == "subclassing" and metrics["test_accuracy"] > 0.2  # chance is 0.1
+    model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(transfer_learning_subclassed, shared_data))
+    assert isinstance(model, models.VGG16Classifier) and model.base.trainable_weights == []
+
+
+@pytest.mark.parametrize("policy", ["--no-train-base", "--train-base"])
+def test_sequential_model_with_the_convolutional_head_under_both_policies(out_dir, shared_data, policy, tmp_path):
+    run_dir = _run(transfer_learning_sequential, tmp_path, shared_data, "--epochs", "1", policy)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["api"] == "sequential" and metrics["hyperparameters"]["IMAGE_SIZE"] == 64
+    model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(transfer_learning_sequential, shared_data))
+    assert isinstance(model, keras.Sequential)
+    block_4_and_below = [f"block{block}_conv{conv}" for block in (1, 2, 3, 4) for conv in (1, 2, 3) if block > 2 or conv < 3]
+    assert _trainable_base_layers(model) == (sorted(block_4_and_below) if policy == "--train-base" else [])
+    (out_dir / "transfer_learning_sequential").mkdir(exist_ok=True)
+    run_dir.rename(out_dir / "transfer_learning_sequential" / f"{run_dir.name}{policy}")
+
+
+def test_sequential_head_without_spatial_room_is_rejected_before_training(shared_data, tmp_path, capsys):
+    archive, weights = shared_data
+    argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), *QUICK, "--image-size", "32"]
+    script = transfer_learning_sequential
+    assert cli.run(script.main, script.__doc__, cli.constants(vars(script)), argv) == 2
+    assert "at least 4x4" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*/*"))
+
+
+@pytest.mark.parametrize("augment", ["--no-augment", "--augment"])
+def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(out_dir, shared_data, augment, tmp_path):
+    run_dir = _run(fine_tune, tmp_path, shared_data, "--epochs", "2", "--fine-tune-epochs", "2", augment)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with open(run_dir / "history.csv") as file:
+        history = list(csv.DictReader(file))
+    phase_1 = history[: metrics["phase_1_epochs"]]
+    assert len(history) == metrics["epochs_run"] > metrics["phase_1_epochs"]
+    # Phase 2 begins where phase 1's best epoch left off (augmentation is off in evaluation).
+    best_phase_1 = min(float(row["val_loss"]) for row in phase_1)
+    assert metrics["phase_2_start_val_loss"] == pytest.approx(best_phase_1, rel=1e-3)
+    assert metrics["phase_2_cached_lower_activations"] is (augment == "--no-augment")
+    model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(fine_tune, shared_data))
+    assert _trainable_base_layers(model) == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert (run_dir / "checkpoints" / "best_phase_2.keras").is_file()
+    (out_dir / "fine_tune").mkdir(exist_ok=True)
+    run_dir.rename(out_dir / "fine_tune" / f"{run_dir.name}{augment}")  # for the comparison test
+
+
+def test_compare_gathers_every_complete_run(out_dir, capsys):
+    (out_dir / "fine_tune" / ".20990101-000000.partial").mkdir(parents=True, exist_ok=True)
+    runs = sorted(p for p in out_dir.glob("*/*/metrics.json") if not p.parent.name.startswith("."))
+    assert len(runs) >= 3
+    assert compare.main(["--out", str(out_dir)]) == 0
+    table = capsys.readouterr().out
+    with open(out_dir / "comparison.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == len(runs)
+    accuracies = [float(row["test_accuracy"]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert {row["api"] for row in rows} == {"subclassing", "functional", "sequential"}
+    assert "| script | run | API |" in table and (out_dir / "comparison.md").read_text() in table
+
+
+def test_compare_without_runs_says_what_to_do(tmp_path, capsys):
+    assert compare.main(["--out", str(tmp_path)]) == 2
+    assert "no completed runs" in capsys.readouterr().err
