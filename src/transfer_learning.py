@@ -23,8 +23,9 @@ from keras import layers
 from vgg_transfer import cli, features, model as models, reporting, runs
 
 # Hyperparameters: edit here, or override with the flag of the same name (--epochs 5).
-# The short schedule keeps a rerun under a minute on a 2-core CPU; --epochs 40 gains about
-# one point of accuracy for four times the training time (see the README).
+# The short schedule keeps a rerun well under a minute on a 2-core CPU; --epochs 40
+# --early-stopping-patience 4 measured 81.1% instead of 79.7%, for 72 s of head training
+# instead of 19 s (see the README).
 EPOCHS = 8
 BATCH_SIZE = 512
 LEARNING_RATE = 1e-3

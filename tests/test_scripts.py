@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+import baselines
 import compare
 import fine_tune
 import transfer_learning_sequential
@@ -128,6 +129,22 @@ def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(out_dir
     assert (run_dir / "checkpoints" / "best_phase_2.keras").is_file()
     (out_dir / "fine_tune").mkdir(exist_ok=True)
     run_dir.rename(out_dir / "fine_tune" / f"{run_dir.name}{augment}")  # for the comparison test
+
+
+@pytest.mark.parametrize("network, convolutions", [("small_cnn", 6), ("vgg11_bn", 8), ("vgg16_bn", 13)])
+def test_baselines_train_from_scratch_and_reload(shared_data, network, convolutions, tmp_path):
+    run_dir = _run(baselines, tmp_path, shared_data, "--model", network, "--epochs", "1")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["weights"].startswith("none") and metrics["hyperparameters"]["MODEL"] == network
+    model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(baselines, shared_data))
+    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers) == convolutions
+    assert all(weight.trainable for weight in model.trainable_weights) and len(model.trainable_weights) > 0
+
+
+def test_unknown_baseline_is_rejected(tmp_path, capsys):
+    argv = ["--model", "resnet50", "--out", str(tmp_path)]
+    assert cli.run(baselines.main, baselines.__doc__, cli.constants(vars(baselines)), argv) == 2
+    assert "not a baseline" in capsys.readouterr().err
 
 
 def test_compare_gathers_every_complete_run(out_dir, capsys):
