@@ -89,10 +89,8 @@ def main(config):
     run, weights, dataset = runs.prepare(config, "baselines")
     weights.source = "none (trained from scratch)"
     classifier = build_model(dataset.image_shape, dataset.num_classes, config)
-    classifier.compile(
-        optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+    training.compile_classifier(
+        classifier, optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
     )
     history = training.fit(classifier, dataset.x_train, dataset.y_train, (dataset.x_val, dataset.y_val), run, config)
     reporting.finish_run(run, classifier, dataset, history, config, weights, extra={

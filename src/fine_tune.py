@@ -55,12 +55,6 @@ def build_head(feature_shape, num_classes, config):
     return keras.Model(inputs, outputs, name="head")
 
 
-def compile_for(model, learning_rate):
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
-
-
 def main(config):
     keras.utils.set_random_seed(config.seed)
     verbose = 0 if config.quiet else "auto"
@@ -71,7 +65,7 @@ def main(config):
     # Phase 1: the head learns on the frozen base's cached features.
     feature_extractor = models.frozen_feature_extractor(base, dataset.image_shape, config.image_size)
     head = build_head(feature_extractor.output.shape[1:], dataset.num_classes, config)
-    compile_for(head, config.learning_rate)
+    training.compile_classifier(head, config.learning_rate)
     print(f"Phase 1: training the head on the frozen base ({config.epochs} epochs at most)")
     phase_1, _ = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
 
@@ -96,13 +90,13 @@ def main(config):
         trained = keras.Model(lower_activations, head(upper(lower_activations)), name="vgg16_upper_and_head")
         classifier = keras.Model(lower_extractor.input, trained(lower_extractor.output), name="vgg16_fine_tuned")
         x_train, x_val = activations["train"], activations["val"]
-    compile_for(trained, config.fine_tune_learning_rate)
+    training.compile_classifier(trained, config.fine_tune_learning_rate)
     start_val_loss, start_val_accuracy = trained.evaluate(x_val, dataset.y_val, batch_size=config.batch_size, verbose=0)
     print(f"Phase 2: fine-tuning from {config.unfreeze_from} (validation loss at the start {start_val_loss:.4f})")
     phase_2 = training.fit(trained, x_train, dataset.y_train, (x_val, dataset.y_val), run, config,
                            epochs=config.fine_tune_epochs, phase="phase_2")
 
-    compile_for(classifier, config.fine_tune_learning_rate)
+    training.compile_classifier(classifier, config.fine_tune_learning_rate)
     test_probabilities = None
     if not config.augment:  # the lower blocks' test activations are cached too
         with run.timed("evaluation"):

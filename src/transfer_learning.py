@@ -20,7 +20,7 @@ import sys
 import keras
 from keras import layers
 
-from vgg_transfer import cli, features, model as models, reporting, runs
+from vgg_transfer import cli, features, model as models, reporting, runs, training
 
 # Hyperparameters: edit here, or override with the flag of the same name (--epochs 5).
 # The short schedule keeps a rerun well under a minute on a 2-core CPU; --epochs 40
@@ -65,11 +65,7 @@ def main(config):
     # trains on them, with validation figures driving every callback.
     feature_extractor = models.frozen_feature_extractor(base, dataset.image_shape, config.image_size)
     head = build_head(feature_extractor.output.shape[1:], dataset.num_classes, config)
-    head.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    training.compile_classifier(head, config.learning_rate)
     history, cached = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
 
     # The whole model: raw uint8 images -> preprocessing -> frozen VGG16 -> trained head.
@@ -77,7 +73,7 @@ def main(config):
         feature_extractor.input, head(feature_extractor.output), name="vgg16_frozen_functional"
     )
     # Compiled with the head's loss and metric, so the saved model's evaluate() works as is.
-    classifier.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    training.compile_classifier(classifier, config.learning_rate)
     # Its test predictions: the head on the cached test features, checked against the whole
     # model on a sample, so a rerun does not push 10,000 images through VGG16 again.
     with run.timed("evaluation"):

@@ -64,12 +64,6 @@ def build_head(feature_shape, num_classes, config):
     ], name="head")
 
 
-def compile_for(model, learning_rate):
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
-
-
 def main(config):
     keras.utils.set_random_seed(config.seed)
     models.validate_layer_name(config.feature_layer, "--feature-layer")
@@ -98,14 +92,14 @@ def main(config):
     classifier = keras.Sequential([*raw_images_to_base(config.train_base), head], name="vgg16_sequential")
     if config.train_base:
         # Base and head learn together on images; augmentation is on because the base trains.
-        compile_for(classifier, config.learning_rate)
+        training.compile_classifier(classifier, config.learning_rate)
         history = training.fit(classifier, dataset.x_train, dataset.y_train, (dataset.x_val, dataset.y_val), run, config)
     else:
         # Frozen base: the head trains on cached features of everything before it.
         feature_extractor = keras.Sequential(raw_images_to_base(False), name="feature_extractor")
-        compile_for(head, config.learning_rate)
+        training.compile_classifier(head, config.learning_rate)
         history, cached = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
-        classifier.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        training.compile_classifier(classifier, config.learning_rate)
         from_cache = cached["from_cache"]
         with run.timed("evaluation"):
             test_probabilities = features.whole_model_test_probabilities(

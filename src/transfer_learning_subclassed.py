@@ -15,7 +15,7 @@ import sys
 import keras
 from keras import layers
 
-from vgg_transfer import cli, features, model as models, reporting, runs
+from vgg_transfer import cli, features, model as models, reporting, runs, training
 
 EPOCHS = 8
 BATCH_SIZE = 512
@@ -51,13 +51,12 @@ def main(config):
 
     feature_extractor = models.frozen_feature_extractor(base, dataset.image_shape, config.image_size)
     head = build_head(feature_extractor.output.shape[1:], dataset.num_classes, config)
-    head.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
+    training.compile_classifier(head, config.learning_rate)
     history, cached = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
 
     # The whole model, by subclassing: the same base and the trained head.
     classifier = models.VGG16Classifier(base, head, config.image_size, name="vgg16_subclassed")
-    classifier.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    training.compile_classifier(classifier, config.learning_rate)
     classifier(dataset.x_test[:1])  # builds the subclassed model, so it can be saved
     with run.timed("evaluation"):
         test_probabilities = features.whole_model_test_probabilities(

@@ -9,6 +9,7 @@ import csv
 import json
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # Files only; no display is needed or wanted.
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,6 +83,10 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
         run.path / "confusion_matrix.png", sk_metrics.confusion_matrix(labels, predicted, labels=label_ids), names,
         f"{run.script_name}: {run.final_path.name}, test accuracy {float(np.mean(predicted == labels)):.2%}",
     )
+    if classifier.optimizer is not None and not classifier.optimizer.built:
+        # A compiled-only model's optimizer has no state yet; building it makes the saved
+        # state match what load_model rebuilds, which otherwise warns on every reload.
+        classifier.optimizer.build(classifier.trainable_variables)
     classifier.save(run.path / MODEL_FILE_NAME)
 
     trainable, total = models.count_parameters(classifier)
@@ -146,6 +151,7 @@ def plot_loss(path, epochs, title, phase_starts=()):
             axes.axvline(start + 0.5, color="grey", linestyle="--", linewidth=1)
             axes.annotate(f"phase {number}", (start + 0.6, 1), xycoords=("data", "axes fraction"),
                           va="top", fontsize=8, color="grey")
+        axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)

@@ -50,3 +50,19 @@ def fit(model, x, y, validation_data, run, config, epochs=None, phase=None):
             callbacks=standard_callbacks(run, config, phase),
             verbose=0 if config.quiet else "auto",
         )
+
+
+def compile_classifier(model, learning_rate=1e-3, optimizer=None):
+    """Compiles a softmax classifier on integer labels: cross-entropy loss, accuracy metric.
+
+    Args:
+        learning_rate: for the default optimizer, Adam.
+        optimizer: another optimizer instance instead of Adam.
+
+    Every model of the project is compiled here, so every saved model evaluates the same way.
+    """
+    model.compile(
+        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
