@@ -67,7 +67,9 @@ def main(config):
     head = build_head(feature_extractor.output.shape[1:], dataset.num_classes, config)
     training.compile_classifier(head, config.learning_rate)
     print(f"Phase 1: training the head on the frozen base ({config.epochs} epochs at most)")
-    phase_1, _ = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
+    phase_1, _ = features.fit_head_on_cached_features(
+        feature_extractor, head, dataset, run, config, include_test=False  # phase 2 changes the base
+    )
 
     # Phase 2: unfreeze from UNFREEZE_FROM; the head keeps phase 1's best weights.
     models.unfreeze_from(base, config.unfreeze_from)
@@ -99,10 +101,9 @@ def main(config):
     training.compile_classifier(classifier, config.fine_tune_learning_rate)
     test_probabilities = None
     if not config.augment:  # the lower blocks' test activations are cached too
-        with run.timed("evaluation"):
-            test_probabilities = features.whole_model_test_probabilities(
-                classifier, trained, activations["test"], dataset, config.batch_size
-            )
+        test_probabilities = features.whole_model_test_probabilities(
+            classifier, trained, activations["test"], dataset, run, config
+        )
     trainable, _ = models.count_parameters(classifier)
     reporting.finish_run(run, classifier, dataset, [phase_1, phase_2], config, weights,
                          test_probabilities=test_probabilities, extra={

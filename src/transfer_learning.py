@@ -76,10 +76,9 @@ def main(config):
     training.compile_classifier(classifier, config.learning_rate)
     # Its test predictions: the head on the cached test features, checked against the whole
     # model on a sample, so a rerun does not push 10,000 images through VGG16 again.
-    with run.timed("evaluation"):
-        test_probabilities = features.whole_model_test_probabilities(
-            classifier, head, cached["test"], dataset, config.batch_size
-        )
+    test_probabilities = features.whole_model_test_probabilities(
+        classifier, head, cached["test"], dataset, run, config
+    )
     reporting.finish_run(run, classifier, dataset, history, config, weights, test_probabilities=test_probabilities,
                          extra={"features_from_cache": cached["from_cache"], "api": "functional", "strategy": "frozen"})
 

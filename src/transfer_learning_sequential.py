@@ -101,10 +101,9 @@ def main(config):
         history, cached = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
         training.compile_classifier(classifier, config.learning_rate)
         from_cache = cached["from_cache"]
-        with run.timed("evaluation"):
-            test_probabilities = features.whole_model_test_probabilities(
-                classifier, head, cached["test"], dataset, config.batch_size
-            )
+        test_probabilities = features.whole_model_test_probabilities(
+            classifier, head, cached["test"], dataset, run, config
+        )
     reporting.finish_run(run, classifier, dataset, history, config, weights, test_probabilities=test_probabilities, extra={
         "features_from_cache": from_cache,
         "api": "sequential",

@@ -58,10 +58,9 @@ def main(config):
     classifier = models.VGG16Classifier(base, head, config.image_size, name="vgg16_subclassed")
     training.compile_classifier(classifier, config.learning_rate)
     classifier(dataset.x_test[:1])  # builds the subclassed model, so it can be saved
-    with run.timed("evaluation"):
-        test_probabilities = features.whole_model_test_probabilities(
-            classifier, head, cached["test"], dataset, config.batch_size
-        )
+    test_probabilities = features.whole_model_test_probabilities(
+        classifier, head, cached["test"], dataset, run, config
+    )
     reporting.finish_run(run, classifier, dataset, history, config, weights, test_probabilities=test_probabilities,
                          extra={"features_from_cache": cached["from_cache"], "api": "subclassing", "strategy": "frozen"})
 

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 
 from vgg_transfer import model as models
-from vgg_transfer import cache, paths
+from vgg_transfer import cache, paths, training
 
 # Bumped whenever what goes into the features changes (e.g. the preprocessing), so that
 # old caches are not reused.
@@ -67,27 +67,27 @@ def _cache_key(feature_extractor, image_sets):
     return digest.hexdigest()[:24]
 
 
-def fit_head_on_cached_features(feature_extractor, head, dataset, run, config):
+def fit_head_on_cached_features(feature_extractor, head, dataset, run, config, include_test=True):
     """Trains a compiled `head` on the frozen extractor's cached features.
 
-    The test images' features are cached too (never used in training): the whole model's
-    test predictions are the head's predictions on them (see `whole_model_test_probabilities`).
+    With `include_test`, the test images' features are cached too (never used in training):
+    the whole model's test predictions are the head's predictions on them (see
+    `whole_model_test_probabilities`). Callers whose final model differs from this
+    extractor and head (two-phase fine-tuning) pass False.
 
     Returns:
-        (history, cached): the Keras `History`, and a dict with the "train", "val" and
-        "test" features and "from_cache" (whether they were read from the cache). The
+        (history, cached): the Keras `History`, and a dict with the "train" and "val" (and
+        "test") features and "from_cache" (whether they were read from the cache). The
         extraction is timed as "features", the training as "training".
     """
     verbose = 0 if config.quiet else "auto"
+    image_sets = {"train": dataset.x_train, "val": dataset.x_val}
+    if include_test:
+        image_sets["test"] = dataset.x_test
     with run.timed("features"):
-        cached, from_cache = cached_features(
-            feature_extractor, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test},
-            config.batch_size, verbose,
-        )
+        cached, from_cache = cached_features(feature_extractor, image_sets, config.batch_size, verbose)
     print(f"Features {tuple(feature_extractor.outputs[0].shape[1:])}: "
           f"{'read from the cache' if from_cache else 'extracted and cached'} in {run.seconds['features']:.1f} s")
-    from vgg_transfer import training
-
     history = training.fit(head, cached["train"], dataset.y_train, (cached["val"], dataset.y_val), run, config)
     return history, {**cached, "from_cache": from_cache}
 
@@ -97,7 +97,7 @@ def fit_head_on_cached_features(feature_extractor, head, dataset, run, config):
 VERIFIED_TEST_IMAGES = 256
 
 
-def whole_model_test_probabilities(classifier, head, test_features, dataset, batch_size, tolerance=1e-4):
+def whole_model_test_probabilities(classifier, head, test_features, dataset, run, config, tolerance=1e-4):
     """The whole model's class probabilities on the test images, without recomputing its frozen part.
 
     `classifier` is `head` applied to the frozen extractor whose outputs `test_features`
@@ -107,14 +107,18 @@ def whole_model_test_probabilities(classifier, head, test_features, dataset, bat
     predicts every test image itself.
 
     Returns:
-        float64 array (N_test, num_classes), in test-set order.
+        float64 array (N_test, num_classes), in test-set order; the time is added to the
+        run's "evaluation" seconds.
     """
-    probabilities = np.asarray(head.predict(test_features, batch_size=batch_size, verbose=0), dtype=np.float64)
-    sample = dataset.x_test[:VERIFIED_TEST_IMAGES]
-    direct = np.asarray(classifier.predict(sample, batch_size=batch_size, verbose=0), dtype=np.float64)
-    difference = float(np.max(np.abs(direct - probabilities[: len(sample)])))
-    if difference > tolerance:
-        warnings.warn(f"The head on cached test features differs from the whole model by {difference:.2g}; "
-                      f"predicting every test image with the whole model instead.")
-        return np.asarray(classifier.predict(dataset.x_test, batch_size=batch_size, verbose=0), dtype=np.float64)
+    with run.timed("evaluation"):
+        probabilities = np.asarray(head.predict(test_features, batch_size=config.batch_size, verbose=0), np.float64)
+        sample = dataset.x_test[:VERIFIED_TEST_IMAGES]
+        direct = np.asarray(classifier.predict(sample, batch_size=config.batch_size, verbose=0), np.float64)
+        difference = float(np.max(np.abs(direct - probabilities[: len(sample)])))
+        if difference > tolerance:
+            warnings.warn(f"The head on cached test features differs from the whole model by {difference:.2g}; "
+                          f"predicting every test image with the whole model instead.")
+            probabilities = np.asarray(
+                classifier.predict(dataset.x_test, batch_size=config.batch_size, verbose=0), np.float64
+            )
     return probabilities

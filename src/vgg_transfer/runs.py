@@ -11,6 +11,7 @@ import platform
 import time
 from pathlib import Path
 
+from vgg_transfer import data, model as models
 from vgg_transfer.errors import InputError
 
 
@@ -139,8 +140,6 @@ def prepare(config, script_name):
         (run, weights, dataset): the `Run` (its folder appears with its first file), the
         resolved `model.Weights`, and the `data.Dataset` (its loading timed as "data").
     """
-    from vgg_transfer import data, model as models
-
     check_writable(config.out)
     weights = models.resolve_weights(config.weights)
     run = Run(config.out, script_name)
