@@ -77,7 +77,7 @@ def build_model(image_shape, num_classes, config):
         x = convolution_stack(x, VGG_LAYOUTS[config.model])
         x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(config.head_dropout)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="class_probabilities")(x)
+    outputs = models.class_probabilities(num_classes)(x)
     return keras.Model(inputs, outputs, name=config.model)
 
 

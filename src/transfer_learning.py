@@ -50,7 +50,7 @@ def build_head(feature_shape, num_classes, config):
     x = layers.BatchNormalization()(x)
     x = layers.Activation("relu")(x)
     x = layers.Dropout(config.head_dropout)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="class_probabilities")(x)
+    outputs = models.class_probabilities(num_classes)(x)
     return keras.Model(inputs, outputs, name="head")
 
 

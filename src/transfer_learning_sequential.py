@@ -60,7 +60,7 @@ def build_head(feature_shape, num_classes, config):
         layers.Dense(config.head_units, activation="relu"),
         layers.BatchNormalization(),
         layers.Dropout(config.head_dropout),
-        layers.Dense(num_classes, activation="softmax", name="class_probabilities"),
+        models.class_probabilities(num_classes),
     ], name="head")
 
 

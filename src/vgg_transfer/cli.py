@@ -58,7 +58,7 @@ def parse_config(description, script_constants, argv=None, prog=None):
 
     Returns:
         Namespace with one lowercase attribute per constant plus the common flags `data`,
-        `weights`, `out`, `subset` and `quiet`; `config.hyperparameters` maps the constant
+        `weights`, `out`, `subset`, `quiet` and `mixed_precision`; `config.hyperparameters` maps the constant
         names to their resolved values.
 
     Raises:
@@ -79,6 +79,9 @@ def parse_config(description, script_constants, argv=None, prog=None):
     common.add_argument("--subset", metavar="N", type=int, default=None,
                         help="use N training and N/5 test images, stratified, for quick runs")
     common.add_argument("--quiet", action="store_true", help="hide Keras's progress output")
+    common.add_argument("--mixed-precision", action="store_true",
+                        help="compute in bfloat16 with float32 weights and outputs (fast on recent GPUs, "
+                             "slow on most CPUs)")
 
     hyper = parser.add_argument_group("hyperparameters (the constants at the top of the script)")
     for name, default in script_constants.items():
@@ -90,10 +93,29 @@ def parse_config(description, script_constants, argv=None, prog=None):
             kind = float if isinstance(default, float) else type(default)
             hyper.add_argument(flag, dest=name.lower(), type=kind, default=default, metavar=name,
                                help=f"(default: {default})")
-    config = parser.parse_args(argv)
+    config = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
     config.hyperparameters = {name: getattr(config, name.lower()) for name in script_constants}
     _validate(config)
     return config
+
+
+def _join_negative_numbers(argv):
+    """`--learning-rate -1e-3` -> `--learning-rate=-1e-3`: argparse takes "-1e-3" for a flag
+    and would report a missing value instead of the negative number that the range check names."""
+    joined = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _is_negative_number(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def _is_negative_number(token):
+    try:
+        return token.startswith("-") and float(token) < 0
+    except ValueError:
+        return False
 
 
 def _validate(config):
@@ -111,6 +133,18 @@ def _validate(config):
         raise InputError(f"--subset {config.subset} is out of range; pass a positive number of images")
 
 
+def _interrupted_run_summary():
+    """Where the interrupted run's best checkpoint is, and how to continue it."""
+    from vgg_transfer import runs  # runs imports Keras, which this module does not need
+
+    run = runs.current_run
+    if run is None or not run.started:
+        return ""
+    checkpoints = sorted((run.path / "checkpoints").glob("*.keras"))
+    best = f"Best checkpoint so far: {', '.join(map(str, checkpoints))}. " if checkpoints else "No checkpoint yet. "
+    return best + "Run the same command again to continue from the last completed epoch. "
+
+
 def run(main, description, script_constants, argv=None):
     """Parses the flags, runs `main(config)` and turns bad input into one line and status 2.
 
@@ -126,6 +160,7 @@ def run(main, description, script_constants, argv=None):
         print(f"{prog or 'error'}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{prog or 'run'}: interrupted; earlier runs in out/ are untouched.", file=sys.stderr)
+        print(f"\n{prog or 'run'}: interrupted. {_interrupted_run_summary()}"
+              "Earlier runs in out/ are untouched.", file=sys.stderr)
         return 130
     return 0

@@ -139,6 +139,12 @@ def preprocess(images, image_size, augment=False):
     return x
 
 
+def class_probabilities(num_classes):
+    """The last layer of every model: softmax over the classes, computed in float32 even
+    under mixed precision, so probabilities and the loss keep full precision."""
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="class_probabilities")
+
+
 def image_input(image_shape):
     """The input of every model: raw uint8 RGB images of the data's stored shape (h, w, 3)."""
     return keras.Input(shape=tuple(image_shape), dtype="uint8", name="image")
@@ -222,11 +228,47 @@ def split_base(base, layer_name):
 
 
 def augmentation():
-    """Random horizontal flips and small translations; Keras applies them in training only."""
-    return keras.Sequential(
-        [keras.layers.RandomFlip("horizontal"), keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect")],
-        name="augmentation",
-    )
+    """Random horizontal flips and shifts of up to 4 pixels; active in training only."""
+    return RandomFlipAndShift(max_shift=4, name="augmentation")
+
+
+@keras.saving.register_keras_serializable(package="vgg_transfer")
+class RandomFlipAndShift(keras.layers.Layer):
+    """Random horizontal flips and shifts by up to `max_shift` pixels (edges reflected), in training only.
+
+    Written with dense `keras.ops` (one-hot shift matrices multiplied in, no gathers), so it
+    runs fast on every backend and device: Keras's RandomTranslation took 0.35 s per batch
+    of 250 images on an H100 with JAX, longer than VGG16's training step itself.
+    """
+
+    def __init__(self, max_shift=4, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_shift = max_shift
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        shift = self.max_shift
+        batch, height, width = keras.ops.shape(images)[0], images.shape[1], images.shape[2]
+        padded = keras.ops.pad(images, [[0, 0], [shift, shift], [shift, shift], [0, 0]], mode="reflect")
+        offsets = keras.random.randint((batch, 2), 0, 2 * shift + 1, seed=self.seed_generator)
+        # rows[b, h, i] = 1 where i = h + offset: multiplying picks the shifted window exactly.
+        rows = keras.ops.one_hot(offsets[:, 0:1] + keras.ops.arange(height)[None, :], height + 2 * shift,
+                                 dtype=images.dtype)
+        columns = keras.ops.one_hot(offsets[:, 1:2] + keras.ops.arange(width)[None, :], width + 2 * shift,
+                                    dtype=images.dtype)
+        x = keras.ops.einsum("bhi,biwc->bhwc", rows, padded)
+        x = keras.ops.einsum("bwj,bhjc->bhwc", columns, x)
+        flip = keras.random.uniform((batch, 1, 1, 1), seed=self.seed_generator) < 0.5
+        return keras.ops.where(flip, keras.ops.flip(x, axis=2), x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "max_shift": self.max_shift, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="vgg_transfer")

@@ -78,6 +78,7 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
     epochs = {key: [value for h in histories for value in h.history.get(key, [])]
               for key in ("loss", "val_loss", "accuracy", "val_accuracy")}
     phase_starts = list(np.cumsum([len(h.history.get("loss", [])) for h in histories])[:-1])
+    _write_history(run.path / "history.csv", histories)
     plot_loss(run.path / "loss_plot.png", epochs, f"{run.script_name}: {run.final_path.name}", phase_starts)
     plot_confusion_matrix(
         run.path / "confusion_matrix.png", sk_metrics.confusion_matrix(labels, predicted, labels=label_ids), names,
@@ -114,6 +115,7 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
         "hyperparameters": config.hyperparameters,
         "seed": config.seed,
         "subset": config.subset,
+        "mixed_precision": config.mixed_precision,
         "data": dataset.summary(),
         "weights": weights.source,
         "model": {"name": classifier.name, "trainable_parameters": trainable, "total_parameters": total},
@@ -126,6 +128,22 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
     print(f"Test accuracy: {metrics['test_accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f}, "
           f"{len(labels)} test images, {metrics['seconds']['total']:.0f} s)")
     return metrics
+
+
+def _write_history(path, histories):
+    """history.csv from the histories, one row per epoch in order (phases numbered from 1).
+
+    Rewrites the CSVLogger's live file, which repeats epochs where a run was interrupted
+    and resumed."""
+    keys = sorted({key for h in histories for key in h.history})
+    rows = [",".join(["epoch", "phase", *keys])]
+    epoch = 0
+    for phase, h in enumerate(histories, start=1):
+        for index in range(len(h.history.get("loss", []))):
+            values = [h.history[key][index] if index < len(h.history.get(key, [])) else "" for key in keys]
+            rows.append(",".join(map(str, [epoch, phase, *values])))
+            epoch += 1
+    path.write_text("\n".join(rows) + "\n")
 
 
 def _write_predictions(path, labels, predicted, confidence, names):

@@ -3,13 +3,22 @@
 A run works in a hidden `.<name>.partial` folder and is renamed to its final name only
 when everything is written, so a folder without the dot is always a complete run, a
 failed or interrupted run never looks complete, and no run overwrites another.
+
+An interrupted run's partial folder keeps a resume key (a digest of the script, its
+hyperparameters and the common flags that change results): rerunning the same command
+finds it and continues in it from the last completed epoch (see `training.fit`).
 """
 
 import contextlib
+import hashlib
+import json
 import os
+import shutil
 import platform
 import time
 from pathlib import Path
+
+import keras
 
 from vgg_transfer import data, model as models
 from vgg_transfer.errors import InputError
@@ -37,13 +46,19 @@ class Run:
     phase (`timed`) for metrics.json.
     """
 
-    def __init__(self, out_dir, script_name):
+    def __init__(self, out_dir, script_name, resume_key=None):
         self.script_name = script_name
+        self.resume_key = resume_key
         self.parent = Path(out_dir) / script_name
         self.final_path = None
         self._path = None
         self.seconds = {}
         self._started = time.perf_counter()
+
+    @property
+    def started(self):
+        """Whether the run folder exists yet."""
+        return self._path is not None
 
     @property
     def path(self):
@@ -52,8 +67,18 @@ class Run:
         return self._path
 
     def _claim_name(self):
-        """Reserves (partial folder, final folder) under a name that no run has taken."""
+        """Reserves (partial folder, final folder): an interrupted run of the same command if
+        there is one, else a name that no run has taken."""
         self.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume_key is not None:
+            interrupted = sorted(
+                (path for path in self.parent.glob(".*.partial") if _resume_key_of(path) == self.resume_key),
+                key=lambda path: path.stat().st_mtime,
+            )
+            if interrupted:
+                partial_path = interrupted[-1]
+                print(f"Continuing the interrupted run in {partial_path}")
+                return partial_path, self.parent / partial_path.name[1:-len(".partial")]
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for attempt in range(1, 1000):
             name = stamp if attempt == 1 else f"{stamp}-{attempt}"
@@ -64,6 +89,8 @@ class Run:
                 partial_path.mkdir()
             except FileExistsError:  # Another run took the name between the check and mkdir.
                 continue
+            if self.resume_key is not None:
+                (partial_path / RESUME_KEY_FILE).write_text(json.dumps({"resume_key": self.resume_key}))
             return partial_path, final_path
         raise RuntimeError(f"no free run folder name under {self.parent}")
 
@@ -79,18 +106,49 @@ class Run:
     def elapsed(self):
         return time.perf_counter() - self._started
 
+    def forget_resume_state(self):
+        """Makes a rerun of the same command start afresh instead of continuing this run."""
+        (self.path / RESUME_KEY_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "resume", ignore_errors=True)
+
     def finish(self):
         """Publishes the folder under its final name; call after every file is written."""
+        self.forget_resume_state()  # the resume state is only needed while the run is partial
         os.rename(self.path, self.final_path)
         self._path = self.final_path
         return self.final_path
 
 
+RESUME_KEY_FILE = "resume_key.json"
+
+
+def _resume_key_of(partial_path):
+    try:
+        return json.loads((partial_path / RESUME_KEY_FILE).read_text())["resume_key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def resume_key(config, script_name):
+    """A digest of what makes two commands the same run: script, backend, hyperparameters,
+    data, weights, subset and precision (not --out or --quiet)."""
+    import keras
+
+    same_run = {
+        "script": script_name, "backend": keras.config.backend(), "hyperparameters": config.hyperparameters,
+        "data": str(config.data), "weights": str(config.weights), "subset": config.subset,
+        "mixed_precision": config.mixed_precision,
+    }
+    return hashlib.sha1(json.dumps(same_run, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# The run in progress, for the Ctrl-C message (see `cli.run`).
+current_run = None
+
+
 def environment():
     """Backend, device and package versions, for metrics.json."""
     import importlib.metadata
-
-    import keras
 
     versions = {"python": platform.python_version()}
     for package in ("keras", "tensorflow", "jax", "torch", "numpy", "scikit-learn", "matplotlib", "pillow"):
@@ -108,8 +166,6 @@ def environment():
 
 def device_description():
     """What the backend computes on, e.g. "GPU (NVIDIA H100 80GB HBM3)" or "CPU"."""
-    import keras
-
     backend = keras.config.backend()
     try:
         if backend == "jax":
@@ -142,7 +198,10 @@ def prepare(config, script_name):
     """
     check_writable(config.out)
     weights = models.resolve_weights(config.weights)
-    run = Run(config.out, script_name)
+    # Set before any model is built; bfloat16 needs no loss scaling, unlike float16.
+    keras.config.set_dtype_policy("mixed_bfloat16" if config.mixed_precision else "float32")
+    global current_run
+    run = current_run = Run(config.out, script_name, resume_key(config, script_name))
     with run.timed("data"):
         dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
     return run, weights, dataset

@@ -1,6 +1,14 @@
-"""Training with the project's standard callbacks, all of which watch validation figures."""
+"""Training with the project's standard callbacks, all of which watch validation figures,
+resumable after an interruption (Ctrl-C, SIGKILL, a power cut) from the last completed epoch."""
+
+import json
+import math
+import os
+import signal
 
 import keras
+
+from vgg_transfer.errors import InputError
 
 
 def standard_callbacks(run, config, phase=None, monitor="val_loss"):
@@ -39,17 +47,122 @@ def fit(model, x, y, validation_data, run, config, epochs=None, phase=None):
             `standard_callbacks` uses.
         phase: see `standard_callbacks`.
 
-    The model ends with the weights of its best validation epoch.
+    The model ends with the weights of its best validation epoch. The state after every
+    epoch is kept in the run folder's resume/ (weights and optimizer by Keras's
+    BackupAndRestore; the epochs' figures and the callbacks' state by `ResumeState`), so
+    that rerunning the same command after an interruption continues from the last
+    completed epoch, and a phase that had completed is not trained again.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite (the best checkpoint is kept).
     """
+    state_dir = run.path / "resume" / (phase or "training")
+    done_file = state_dir / "done.json"
+    if done_file.is_file():  # this phase completed before the interruption
+        model.load_weights(state_dir / "final.weights.h5")
+        print(f"{phase or 'Training'}: completed before the interruption; its best weights are restored")
+        history = keras.callbacks.History()
+        history.history = json.loads(done_file.read_text())
+        return history
+    callbacks = standard_callbacks(run, config, phase)
+    resume_state = ResumeState(state_dir, *callbacks[:3])
+    callbacks += [resume_state, keras.callbacks.BackupAndRestore(state_dir / "backup", delete_checkpoint=False)]
+    if os.environ.get(SIMULATED_INTERRUPTION):
+        callbacks.append(_SimulatedInterruption(os.environ[SIMULATED_INTERRUPTION]))
     with run.timed("training"):
-        return model.fit(
+        history = model.fit(
             x, y,
             validation_data=validation_data,
             epochs=epochs or config.epochs,
             batch_size=config.batch_size,
-            callbacks=standard_callbacks(run, config, phase),
+            callbacks=callbacks,
             verbose=0 if config.quiet else "auto",
         )
+    # Every epoch of this phase, the ones before an interruption included.
+    history.history = {key: [epoch[key] for epoch in resume_state.epochs if key in epoch]
+                       for key in resume_state.epochs[-1]} if resume_state.epochs else history.history
+    losses = history.history.get("loss", [])
+    if not all(math.isfinite(loss) for loss in losses):
+        run.forget_resume_state()  # a rerun must start afresh, not from the diverged weights
+        raise TrainingDiverged(
+            f"training stopped in epoch {len(losses)}: the loss became NaN or infinite; lower --learning-rate "
+            f"(now {float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)):.3g}) and run again. "
+            f"The best checkpoint so far is kept in {run.path / 'checkpoints'}"
+        )
+    model.save_weights(state_dir / "final.weights.h5")
+    done_file.write_text(json.dumps(history.history))
+    return history
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or infinite: a hyperparameter (usually the learning rate) is off."""
+
+
+class ResumeState(keras.callbacks.Callback):
+    """What BackupAndRestore does not keep, kept after every epoch and restored on resume:
+    every epoch's figures, and the state of early stopping, learning-rate reduction and the
+    best-only checkpoint (so a resumed run still knows its best epoch and weights).
+
+    Place it after those callbacks and before BackupAndRestore (see `fit`).
+    """
+
+    def __init__(self, state_dir, early_stopping, reduce_lr, checkpoint):
+        super().__init__()
+        self.state_file = state_dir / "state.json"
+        self.backup_metadata = state_dir / "backup" / "training_metadata.json"  # written by BackupAndRestore
+        self.early_stopping, self.reduce_lr, self.checkpoint = early_stopping, reduce_lr, checkpoint
+        self.epochs = []
+
+    def on_train_begin(self, logs=None):
+        if not (self.state_file.is_file() and self.backup_metadata.is_file()):
+            return
+        state = json.loads(self.state_file.read_text())
+        completed = json.loads(self.backup_metadata.read_text())["epoch"]  # what the weights are from
+        if len(state["epochs"]) != completed:
+            return  # killed between the two saves: start the bookkeeping afresh rather than guess
+        self.epochs = state["epochs"]
+        for callback, names in ((self.early_stopping, ("wait", "best", "best_epoch")),
+                                (self.reduce_lr, ("wait", "best", "cooldown_counter")),
+                                (self.checkpoint, ("best",))):
+            for name in names:
+                setattr(callback, name, state[type(callback).__name__][name])
+        if self.checkpoint.filepath and os.path.isfile(self.checkpoint.filepath):
+            best = keras.saving.load_model(self.checkpoint.filepath, compile=False)
+            self.early_stopping.best_weights = best.get_weights()
+        print(f"Resuming after epoch {completed} of the interrupted run")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append({key: float(value) for key, value in (logs or {}).items()})
+        state = {"epochs": self.epochs}
+        for callback, names in ((self.early_stopping, ("wait", "best", "best_epoch")),
+                                (self.reduce_lr, ("wait", "best", "cooldown_counter")),
+                                (self.checkpoint, ("best",))):
+            state[type(callback).__name__] = {name: _plain(getattr(callback, name)) for name in names}
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state))
+        os.replace(temporary, self.state_file)
+
+
+def _plain(value):
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
+
+
+# For the interruption tests: "EPOCH:SIGNAL" (e.g. "2:SIGKILL") sends the signal to this
+# process at the end of that epoch, once the epoch's state is saved.
+SIMULATED_INTERRUPTION = "VGG_TRANSFER_INTERRUPT_AFTER_EPOCH"
+
+
+class _SimulatedInterruption(keras.callbacks.Callback):
+    def __init__(self, spec):
+        super().__init__()
+        epoch, name = spec.split(":")
+        self.epoch, self.signal = int(epoch), getattr(signal, name)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            os.kill(os.getpid(), self.signal)
 
 
 def compile_classifier(model, learning_rate=1e-3, optimizer=None):

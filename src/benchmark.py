@@ -1,0 +1,182 @@
+"""How fast VGG16 runs here, against what this device can do: a throughput benchmark.
+
+For each IMAGE_SIZES entry it measures images per second for VGG16 inference (the frozen
+feature extraction: the whole convolutional base) and for training steps (base and a
+small head all trainable, as in fine-tuning from block 1), on batches of raw uint8
+32x32 images upscaled inside the model, as the project's scripts feed them. From the
+counted FLOPs of the convolutions (a training step counted as 3x the forward pass: the
+forward, and the gradients for activations and for weights) it gives the achieved FLOP/s,
+and divides by the device's peak measured in the same run: a large matrix product in the
+compute dtype (float32, or bfloat16 with --mixed-precision).
+
+Random images and random weights: the speed does not depend on them, so --data and
+--weights are not used. A table is printed and the figures are written as JSON to
+out/benchmark/.
+
+    python src/benchmark.py                                   # the CPU, TensorFlow
+    python src/benchmark.py --image-sizes 32,64 --batch-size 32
+    KERAS_BACKEND=jax python src/benchmark.py --mixed-precision --batch-size 256   # a GPU
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from vgg_transfer import cli, model as models, runs
+from vgg_transfer.errors import InputError
+
+IMAGE_SIZES = "32,64,224"
+BATCH_SIZE = 64
+MIN_SECONDS = 3.0  # each figure times whole batches for at least this long, after a warm-up
+MATMUL_SIZE = 4096  # side of the square matrices whose product measures the peak
+SEED = 42
+CIFAR10_IMAGE_SHAPE = (32, 32, 3)  # what the model takes in, upscaled inside it
+
+
+def parse_sizes(text):
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size < models.MIN_IMAGE_SIZE for size in sizes):
+        raise InputError(f"--image-sizes {text!r}: pass comma-separated sizes of at least "
+                         f"{models.MIN_IMAGE_SIZE}, e.g. 32,64,224")
+    return sizes
+
+
+def build_model(image_size):
+    """uint8 32x32 images -> VGG16 preprocessing and resizing -> VGG16 base -> pooled softmax head."""
+    base = models.build_vgg16_base(models.Weights(None, "random"), image_size, output_layer="block5_pool")
+    inputs = models.image_input(CIFAR10_IMAGE_SHAPE)
+    x = base(models.preprocess(inputs, image_size))
+    outputs = models.class_probabilities(10)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name=f"vgg16_{image_size}px"), base
+
+
+def forward_flops(base):
+    """FLOPs of one image's forward pass through the base's convolutions (2 per multiply-add)."""
+    flops = 0
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, _ = layer.output.shape
+            flops += 2 * height * width * int(np.prod(layer.kernel.shape))
+    return flops
+
+
+def images_per_second(step, batch_size, min_seconds):
+    """Runs `step(n_batches)` once to warm up (compilation), then long enough to time it."""
+    step(1)
+    start = time.perf_counter()
+    step(1)
+    one_batch = time.perf_counter() - start
+    n_batches = max(1, int(np.ceil(min_seconds / max(one_batch, 1e-6))))
+    start = time.perf_counter()
+    step(n_batches)
+    return n_batches * batch_size / (time.perf_counter() - start)
+
+
+def matmul_peak(size, min_seconds):
+    """FLOP/s of a square matrix product in the compute dtype, the device's practical peak."""
+    dtype = keras.config.dtype_policy().compute_dtype
+    rng = np.random.default_rng(0)
+    a = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
+    b = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
+
+    def products(count):
+        c = a
+        for _ in range(count):
+            c = keras.ops.matmul(a, b)
+        keras.ops.convert_to_numpy(c[0, 0])  # waits for asynchronous backends (JAX) to finish
+
+    products(2)
+    start = time.perf_counter()
+    products(1)
+    count = max(3, int(np.ceil(min_seconds / max(time.perf_counter() - start, 1e-6))))
+    start = time.perf_counter()
+    products(count)
+    return count * 2 * size**3 / (time.perf_counter() - start)
+
+
+def main(config):
+    sizes = parse_sizes(config.image_sizes)
+    runs.check_writable(config.out)
+    keras.config.set_dtype_policy("mixed_bfloat16" if config.mixed_precision else "float32")
+    keras.utils.set_random_seed(config.seed)
+    environment = runs.environment()
+    print(f"Backend {environment['backend']}, device {environment['device']}, "
+          f"{keras.config.dtype_policy().name}, batch size {config.batch_size}")
+
+    peak = matmul_peak(config.matmul_size, config.min_seconds)
+    print(f"Peak: {peak / 1e12:.2f} TFLOP/s ({config.matmul_size}x{config.matmul_size} matrix product, "
+          f"{keras.config.dtype_policy().compute_dtype})")
+    rng = np.random.default_rng(config.seed)
+    rows = []
+    for size in sizes:
+        model, base = build_model(size)
+        flops = forward_flops(base)
+        batch = config.batch_size
+        images = rng.integers(0, 256, (batch, *CIFAR10_IMAGE_SHAPE), dtype=np.uint8)
+        labels = rng.integers(0, 10, batch)
+
+        def inference(n_batches):
+            model.predict(np.concatenate([images] * n_batches), batch_size=batch, verbose=0)
+
+        model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="sparse_categorical_crossentropy")
+
+        def training(n_batches):
+            model.fit(np.concatenate([images] * n_batches), np.concatenate([labels] * n_batches),
+                      batch_size=batch, epochs=1, shuffle=False, verbose=0)
+
+        row = {"image_size": size, "forward_gflops_per_image": flops / 1e9}
+        for name, step, flops_per_image in (("inference", inference, flops), ("training", training, 3 * flops)):
+            rate = images_per_second(step, batch, config.min_seconds)
+            row[name] = {
+                "images_per_second": rate,
+                "tflops": rate * flops_per_image / 1e12,
+                "fraction_of_peak": rate * flops_per_image / peak,
+            }
+            print(f"  {size:>4} px {name:<9} {rate:10.1f} img/s  {rate * flops_per_image / 1e12:8.2f} TFLOP/s  "
+                  f"{rate * flops_per_image / peak:6.1%} of peak", flush=True)
+        rows.append(row)
+        keras.backend.clear_session()
+
+    print()
+    print(markdown_table(rows, peak))
+    result = {
+        "environment": environment,
+        "dtype_policy": keras.config.dtype_policy().name,
+        "batch_size": config.batch_size,
+        "matmul": {"size": config.matmul_size, "tflops": peak / 1e12},
+        "results": rows,
+    }
+    out_dir = Path(config.out) / "benchmark"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"benchmark-{environment['backend']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nWritten: {path}")
+
+
+def markdown_table(rows, peak):
+    lines = [
+        f"Matrix-product peak: {peak / 1e12:.2f} TFLOP/s",
+        "",
+        "| image size | GFLOPs/image (forward) | inference img/s | inference TFLOP/s | of peak "
+        "| training img/s | training TFLOP/s | of peak |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        inference, training = row["inference"], row["training"]
+        lines.append(
+            f"| {row['image_size']} | {row['forward_gflops_per_image']:.2f} "
+            f"| {inference['images_per_second']:.0f} | {inference['tflops']:.2f} | {inference['fraction_of_peak']:.0%} "
+            f"| {training['images_per_second']:.0f} | {training['tflops']:.2f} | {training['fraction_of_peak']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, __doc__, cli.constants(globals())))

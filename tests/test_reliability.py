@@ -1,0 +1,159 @@
+"""Interruption, resumption, reproducibility, divergence and the remaining bad-input cases.
+
+The main job runs in subprocesses here, so that a real SIGKILL or Ctrl-C (SIGINT) can end
+one midway: `VGG_TRANSFER_INTERRUPT_AFTER_EPOCH` sends the signal at the end of an epoch.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from argparse import Namespace
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT
+from vgg_transfer import cli, data, runs, training
+from vgg_transfer.errors import InputError
+from vgg_transfer.training import SIMULATED_INTERRUPTION, TrainingDiverged
+
+EPOCHS = 6
+COMMAND = ["--subset", "1000", "--epochs", str(EPOCHS), "--early-stopping-patience", "10", "--quiet"]
+
+
+def _main_job(shared_data, out_dir, interrupt=None):
+    archive, weights = shared_data
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    environment.pop(SIMULATED_INTERRUPTION, None)
+    if interrupt:
+        environment[SIMULATED_INTERRUPTION] = interrupt
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data", str(archive),
+         "--weights", str(weights), "--out", str(out_dir), *COMMAND],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )
+
+
+def _runs(out_dir):
+    folder = out_dir / "transfer_learning"
+    complete = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    partial = sorted(p for p in folder.iterdir() if p.name.endswith(".partial"))
+    return complete, partial
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_data, tmp_path_factory):
+    """Two uninterrupted runs of the same command with the same seed."""
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    for _ in range(2):
+        assert _main_job(shared_data, out_dir).returncode == 0
+    complete, partial = _runs(out_dir)
+    assert len(complete) == 2 and not partial
+    return [_metrics(run_dir) for run_dir in complete]
+
+
+def test_same_seed_gives_identical_figures_on_cpu(uninterrupted):
+    first, second = uninterrupted
+    for key in ("test_accuracy", "macro_f1", "per_class", "best_val_loss", "best_epoch", "epochs_run"):
+        assert first[key] == second[key], key
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_an_interrupted_run_resumes_from_its_last_epoch(shared_data, tmp_path, uninterrupted, signal_name):
+    out_dir = tmp_path / "out"
+    killed = _main_job(shared_data, out_dir, interrupt=f"3:{signal_name}")
+    if signal_name == "SIGKILL":
+        assert killed.returncode == -signal.SIGKILL
+    else:  # Ctrl-C: one message saying where the best checkpoint is and how to go on
+        assert killed.returncode == 130 and "Traceback" not in killed.stderr
+        assert "Best checkpoint so far:" in killed.stderr and "best.keras" in killed.stderr
+        assert "Run the same command again" in killed.stderr
+    complete, (partial,) = _runs(out_dir)
+    assert not complete  # an interrupted run never looks complete
+
+    resumed = _main_job(shared_data, out_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Continuing the interrupted run" in resumed.stdout and "Resuming after epoch 3" in resumed.stdout
+    (run_dir,), leftover = _runs(out_dir)
+    assert not leftover and run_dir.name == partial.name[1:-len(".partial")]
+    assert not (run_dir / "resume").exists()
+    metrics = _metrics(run_dir)
+    history = (run_dir / "history.csv").read_text().strip().splitlines()
+    assert metrics["epochs_run"] == EPOCHS == len(history) - 1  # every epoch once, before and after
+    # Dropout draws differ after the resumption; the result agrees within noise.
+    assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=0.05)
+    assert metrics["best_val_loss"] == pytest.approx(uninterrupted[0]["best_val_loss"], rel=0.15)
+
+
+class _PoisonAfter(keras.callbacks.Callback):
+    """Makes every weight infinite at the end of an epoch, so the next epoch's loss is NaN."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            for weight in self.model.weights:
+                weight.assign(keras.ops.full(weight.shape, np.inf, weight.dtype))
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 4)).astype("float32"), rng.integers(0, 2, 64)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    training.compile_classifier(model, 1e-2)
+    config = Namespace(epochs=5, batch_size=16, quiet=True, early_stopping_patience=5,
+                       reduce_lr_patience=5, reduce_lr_factor=0.5)
+    run = runs.Run(tmp_path / "out", "toy", resume_key="toy")
+    poison = _PoisonAfter(2)
+    monkeypatch.setattr(training, "standard_callbacks",
+                        lambda *args, **kwargs: [*STANDARD(*args, **kwargs), poison])
+    with pytest.raises(TrainingDiverged, match="epoch 3: the loss became NaN or infinite; lower --learning-rate"):
+        training.fit(model, x, y, (x, y), run, config)
+    assert (run.path / "checkpoints" / "best.keras").is_file()  # from epochs 1-2
+    assert run.path.name.endswith(".partial")
+    assert not (run.path / runs.RESUME_KEY_FILE).exists()  # a rerun starts afresh
+
+
+STANDARD = training.standard_callbacks
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size 0 is out of range"),
+        (["--learning-rate", "-1e-3"], "--learning-rate -0.001 is out of range"),
+        (["--image-size", "31"], "--image-size 31 is out of range"),
+    ],
+)
+def test_invalid_hyperparameters_are_rejected_before_any_work(argv, message):
+    constants = {"EPOCHS": 3, "BATCH_SIZE": 32, "LEARNING_RATE": 1e-3, "IMAGE_SIZE": 32, "SEED": 0}
+    with pytest.raises(InputError, match=message):
+        cli.parse_config("doc", constants, argv)
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cannot write to the output folder .*pass --out DIR"):
+        runs.check_writable(blocker / "out")
+
+
+def test_an_empty_training_class_folder_is_named(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("cat", "dog", "frog"):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            if not (split == "train" and name == "dog"):
+                Image.new("RGB", (32, 32)).save(tmp_path / "tree" / split / name / "a.png")
+    with pytest.raises(InputError, match="test/ has classes that train/ lacks \\(dog\\)"):
+        data.load_dataset(tmp_path / "tree", cache_dir=tmp_path / "cache", verbose=False)
