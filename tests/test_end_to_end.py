@@ -92,9 +92,17 @@ def test_saved_model_predicts_on_raw_uint8_images(pretrained_run, test_set):
 
 def test_run_folder_holds_every_report(pretrained_run):
     metrics = _metrics(pretrained_run)
-    for name in ("loss_plot.png", "confusion_matrix.png"):
+    for name in ("loss_plot.png", "confusion_matrix.png", "pr_curves.png", "roc_curves.png", "mistakes.png"):
         with Image.open(pretrained_run / name) as image:
             assert image.format == "PNG" and image.width >= 600 and image.height >= 300
+    # report.md shows every picture of the run, and only pictures that exist.
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (pretrained_run / "report.md").read_text())
+    assert set(linked) == {"loss_plot.png", "confusion_matrix.png", "pr_curves.png", "roc_curves.png", "mistakes.png"}
+    # The curves' areas are real outcomes: well above chance (0.5 AUC) for a pretrained base,
+    # and average precision never above what a perfect ranking (1.0) gives.
+    per_class = metrics["per_class"].values()
+    assert np.mean([c["roc_auc"] for c in per_class]) > 0.85
+    assert all(0 < c["average_precision"] <= 1 for c in per_class)
     with open(pretrained_run / "history.csv") as file:
         history = list(csv.DictReader(file))
     assert len(history) == metrics["epochs_run"] >= 1

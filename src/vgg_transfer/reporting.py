@@ -80,10 +80,13 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
     phase_starts = list(np.cumsum([len(h.history.get("loss", [])) for h in histories])[:-1])
     _write_history(run.path / "history.csv", histories)
     plot_loss(run.path / "loss_plot.png", epochs, f"{run.script_name}: {run.final_path.name}", phase_starts)
+    run_title = f"{run.script_name}: {run.final_path.name}"
     plot_confusion_matrix(
         run.path / "confusion_matrix.png", sk_metrics.confusion_matrix(labels, predicted, labels=label_ids), names,
-        f"{run.script_name}: {run.final_path.name}, test accuracy {float(np.mean(predicted == labels)):.2%}",
+        f"{run_title}, test accuracy {float(np.mean(predicted == labels)):.2%}",
     )
+    areas = plot_pr_and_roc_curves(run.path, probabilities, labels, names, run_title)
+    plot_confident_mistakes(run.path / "mistakes.png", dataset.x_test, labels, probabilities, names, run_title)
     if classifier.optimizer is not None and not classifier.optimizer.built:
         # A compiled-only model's optimizer has no state yet; building it makes the saved
         # state match what load_model rebuilds, which otherwise warns on every reload.
@@ -104,6 +107,8 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
                 "recall": float(report[name]["recall"]),
                 "f1": float(report[name]["f1-score"]),
                 "support": int(report[name]["support"]),
+                "average_precision": areas[name]["average_precision"],
+                "roc_auc": areas[name]["roc_auc"],
             }
             for name in names
         },
@@ -123,6 +128,7 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
         **(extra or {}),
     }
     (run.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report_markdown(run.path / "report.md", metrics, report_text, run_title)
     final_path = run.finish()
     print(f"Run folder: {final_path}")
     print(f"Test accuracy: {metrics['test_accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f}, "
@@ -209,3 +215,135 @@ def plot_confusion_matrix(path, matrix, class_names, title):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_pr_and_roc_curves(folder, probabilities, labels, class_names, title):
+    """pr_curves.png (precision-recall per class) and roc_curves.png (one-vs-rest ROC per class).
+
+    Returns:
+        dict class name -> {"average_precision", "roc_auc"} (None for a class absent from the labels).
+    """
+    areas = {}
+    figures = {kind: plt.subplots(figsize=(7.5, 6)) for kind in ("pr", "roc")}
+    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for index, name in enumerate(class_names):
+        truth = labels == index
+        scores = probabilities[:, index]
+        if not truth.any() or truth.all():
+            areas[name] = {"average_precision": None, "roc_auc": None}
+            continue
+        precision, recall, _ = sk_metrics.precision_recall_curve(truth, scores)
+        false_positive_rate, true_positive_rate, _ = sk_metrics.roc_curve(truth, scores)
+        areas[name] = {
+            "average_precision": float(sk_metrics.average_precision_score(truth, scores)),
+            "roc_auc": float(sk_metrics.auc(false_positive_rate, true_positive_rate)),
+        }
+        colour = colours(index % colours.N)
+        figures["pr"][1].plot(recall, precision, color=colour,
+                              label=f"{name} (AP {areas[name]['average_precision']:.3f})")
+        figures["roc"][1].plot(false_positive_rate, true_positive_rate, color=colour,
+                               label=f"{name} (AUC {areas[name]['roc_auc']:.3f})")
+    pr_axes, roc_axes = figures["pr"][1], figures["roc"][1]
+    roc_axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+    for axes, x_label, y_label, subtitle in (
+        (pr_axes, "recall", "precision", "Precision-recall per class (test set)"),
+        (roc_axes, "false positive rate", "true positive rate", "ROC per class, one vs rest (test set)"),
+    ):
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1.02)
+        axes.set_xlabel(x_label)
+        axes.set_ylabel(y_label)
+        axes.set_title(f"{subtitle}\n{title}", fontsize=10)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, loc="lower left" if axes is pr_axes else "lower right")
+    for kind, file_name in (("pr", "pr_curves.png"), ("roc", "roc_curves.png")):
+        figure = figures[kind][0]
+        figure.tight_layout()
+        figure.savefig(folder / file_name, dpi=110)
+        plt.close(figure)
+    return areas
+
+
+MISTAKES_PER_CLASS = 5
+
+
+def plot_confident_mistakes(path, images, labels, probabilities, class_names, title, per_class=MISTAKES_PER_CLASS):
+    """A grid of the most confident mistakes: one row per true class, up to `per_class` images,
+    each captioned with the predicted class and its probability."""
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    rows = len(class_names)
+    figure, grid = plt.subplots(rows, per_class, figsize=(1.9 * per_class + 1.4, 1.75 * rows + 0.8), squeeze=False)
+    for row, name in enumerate(class_names):
+        wrong = np.flatnonzero((labels == row) & (predicted != row))
+        wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:per_class]
+        for column in range(per_class):
+            axes = grid[row, column]
+            axes.set_xticks([])
+            axes.set_yticks([])
+            for spine in axes.spines.values():
+                spine.set_visible(False)
+            if column < len(wrong):
+                index = wrong[column]
+                axes.imshow(images[index], interpolation="nearest")
+                axes.set_title(f"{class_names[predicted[index]]} {confidence[index]:.0%}\n(test #{index})",
+                               fontsize=7.5, color="firebrick")
+        grid[row, 0].set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
+        grid[row, 0].yaxis.set_visible(True)
+    figure.suptitle(f"Most confident mistakes per true class (row): predicted class and probability\n{title}",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report_markdown(path, metrics, report_text, title):
+    """report.md: the run's figures and pictures on one page, readable on GitHub."""
+    rows = "\n".join(
+        f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
+        f"{'' if c['average_precision'] is None else format(c['average_precision'], '.3f')} | "
+        f"{'' if c['roc_auc'] is None else format(c['roc_auc'], '.3f')} | {c['support']} |"
+        for name, c in metrics["per_class"].items()
+    )
+    environment = metrics["environment"]
+    hyperparameters = ", ".join(f"`{name}={value}`" for name, value in metrics["hyperparameters"].items())
+    path.write_text(f"""# {title}
+
+Test accuracy **{metrics['test_accuracy']:.2%}**, macro-F1 {metrics['macro_f1']:.2%}, on
+{metrics['data']['test_images']} test images; best validation accuracy
+{metrics['best_val_accuracy']:.2%} (epoch {metrics['best_epoch']} of {metrics['epochs_run']}).
+Model `{metrics['model']['name']}`: {metrics['model']['trainable_parameters']:,} trainable of
+{metrics['model']['total_parameters']:,} parameters. Wall time {metrics['seconds']['total']:.1f} s on
+{environment['device']} ({environment['machine']}), Keras backend {environment['backend']}.
+
+Hyperparameters: {hyperparameters}. Weights: {metrics['weights']}.
+
+## Per class
+
+| class | precision | recall | F1 | average precision | ROC AUC | test images |
+|---|---|---|---|---|---|---|
+{rows}
+
+## Training
+
+![loss and accuracy per epoch](loss_plot.png)
+
+## Confusion matrix
+
+![confusion matrix](confusion_matrix.png)
+
+## Precision-recall and ROC curves
+
+![precision-recall curves](pr_curves.png)
+
+![ROC curves](roc_curves.png)
+
+## Most confident mistakes
+
+![most confident mistakes](mistakes.png)
+
+## scikit-learn's classification report
+
+```
+{report_text}```
+""")
