@@ -10,6 +10,7 @@ the pretrained base (chance is 10%).
 import csv
 import json
 import re
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -123,3 +124,35 @@ def test_rerun_reads_cached_features_and_never_overwrites(pretrained_run, shared
     assert (pretrained_run / "metrics.json").read_bytes() == before
     # Same seed, same cached features: the same model, up to CPU float reordering.
     assert _metrics(rerun)["test_accuracy"] == pytest.approx(_metrics(pretrained_run)["test_accuracy"], abs=0.02)
+
+
+def test_predict_classifies_any_image_and_reports_unreadable_ones(pretrained_run, test_set, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(test_set.x_test[0]).save(tmp_path / "test0.png")  # lossless: the model saw these pixels
+    Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).save(tmp_path / "wide.jpg")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "grey16.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)).save(tmp_path / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (64, 64)).astype(np.uint16)).save(tmp_path / "deep16bit.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "src" / "predict.py"), str(tmp_path), "--model", str(pretrained_run),
+         "--json"], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1  # one file failed, the others were classified
+    assert "broken.png: not a readable image" in result.stderr and "Traceback" not in result.stderr
+    predictions = {Path(item["path"]).name: item["top"] for item in json.loads(result.stdout)["predictions"]}
+    assert set(predictions) == {"test0.png", "wide.jpg", "grey16.png", "rgba.png", "deep16bit.png"}
+    for top in predictions.values():
+        probabilities = [entry["probability"] for entry in top]
+        assert len(top) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert all(0 <= p <= 1 for p in probabilities) and sum(probabilities) <= 1 + 1e-6
+        assert {entry["class"] for entry in top} <= set(test_set.class_names)
+    with open(pretrained_run / "predictions.csv") as file:
+        first = next(csv.DictReader(file))
+    assert predictions["test0.png"][0]["class"] == first["predicted_class"]
+    assert predictions["test0.png"][0]["probability"] == pytest.approx(float(first["confidence"]), abs=1e-4)

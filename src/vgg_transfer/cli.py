@@ -41,7 +41,7 @@ def constants(namespace):
     }
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line (not usage plus message) and exit status 2."""
 
     def error(self, message):
@@ -64,7 +64,7 @@ def parse_config(description, script_constants, argv=None, prog=None):
     Raises:
         InputError: an unknown flag, a value of the wrong type, or one out of range.
     """
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common = parser.add_argument_group("common to every script")

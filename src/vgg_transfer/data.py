@@ -399,6 +399,23 @@ def _storage_side(images):
     return int(min(max(values[np.argmax(counts)], 32), MAX_STORED_IMAGE_SIDE))
 
 
+def read_image_file(path, side):
+    """One image file of any format, size and mode as an RGB uint8 array (side, side, 3),
+    converted as the data loader converts (see `to_rgb`) and resized bilinearly.
+
+    Raises:
+        InputError: the file cannot be read as an image.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_square(to_rgb(image), side)
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"{path}: not a readable image ({_first_line(error)})") from None
+
+
 def _to_square(image, side):
     if image.size != (side, side):
         image = image.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=3.0)
