@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vgg_transfer import cli, data
+from vgg_transfer import cli, data, model as models
 from vgg_transfer.errors import InputError
 
 TOP = 3
@@ -38,30 +38,6 @@ def parse_arguments(argv=None):
     return arguments
 
 
-def load_classifier(model_path):
-    """(model, class names) from a run folder or a .keras file."""
-    import keras
-
-    import vgg_transfer.model  # noqa: F401  registers the project's layers and models for loading
-
-    path = Path(model_path)
-    model_file = path / "model.keras" if path.is_dir() else path
-    if not model_file.is_file():
-        raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
-    try:
-        model = keras.saving.load_model(model_file)
-    except Exception as error:
-        raise InputError(f"--model {model_file} is not a Keras model this project saved ({error})") from None
-    num_classes = model.output_shape[-1]
-    class_names = [f"class {index}" for index in range(num_classes)]
-    metrics_file = model_file.parent / "metrics.json"
-    if metrics_file.is_file():
-        names = json.loads(metrics_file.read_text()).get("data", {}).get("class_names", [])
-        if len(names) == num_classes:
-            class_names = names
-    return model, class_names
-
-
 def image_files(paths):
     """The files to classify, in the order given (folders expanded, sorted)."""
     readable = set(Image.registered_extensions())
@@ -75,8 +51,7 @@ def image_files(paths):
 def main(arguments):
     import numpy as np
 
-    model, class_names = load_classifier(arguments.model)
-    side = model.input_shape[1]
+    model, class_names, side = models.load_saved_classifier(arguments.model)
     paths, images, failures = [], [], 0
     for path in image_files(arguments.paths):
         try:
@@ -102,8 +77,4 @@ def main(arguments):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_arguments()))
-    except InputError as error:
-        print(f"predict.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run_tool(main, parse_arguments))

@@ -41,6 +41,9 @@ def _main_job(shared_data, out_dir, interrupt=None, backend="tensorflow"):
         [sys.executable, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data", str(archive),
          "--weights", str(weights), "--out", str(out_dir), *COMMAND],
         capture_output=True, text=True, env=environment, timeout=600,
+        # A shell's background jobs start with Ctrl-C (SIGINT) ignored, and Python keeps it
+        # ignored; give the child the default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -162,6 +162,56 @@ def test_compare_gathers_every_complete_run(out_dir, capsys):
     assert "| script | run | API |" in table and (out_dir / "comparison.md").read_text() in table
 
 
+def test_gradcam_explains_the_saved_model_of_every_api(out_dir, shared_data):
+    from vgg_transfer import gradcam
+
+    images = _test_images(transfer_learning_subclassed, shared_data).x_test[:3]
+    apis = set()
+    for run_dir in sorted(p.parent for p in out_dir.glob("*/*/model.keras") if not p.parent.name.startswith(".")):
+        model, _, _ = models.load_saved_classifier(run_dir)
+        maps, probabilities = gradcam.heatmaps(model, images)
+        assert maps.shape == images.shape[:3] and np.isfinite(maps).all()
+        assert maps.min() >= 0 and maps.max() == pytest.approx(1.0)
+        assert all(heatmap.std() > 0.01 for heatmap in maps), run_dir  # not constant
+        np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
+        apis.add(json.loads((run_dir / "metrics.json").read_text())["api"])
+    assert apis == {"subclassing", "functional", "sequential"}
+
+
+def test_gradcam_script_writes_a_picture_of_a_run(out_dir, shared_data, tmp_path):
+    import gradcam as gradcam_script
+    from PIL import Image
+
+    (run_dir,) = [p for p in (out_dir / "transfer_learning_subclassed").iterdir() if not p.name.startswith(".")]
+    arguments = gradcam_script.parse_arguments(
+        ["--model", str(run_dir), "--data", str(shared_data[0]), "--images-per-class", "1", "--out", str(tmp_path)]
+    )
+    gradcam_script.main(arguments)
+    (picture,) = tmp_path.glob("gradcam/*/gradcam.png")
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width >= 600 and image.height >= 1000  # 10 classes, 5 rows
+    with np.load(picture.parent / "heatmaps.npz") as stored:
+        assert stored["heatmaps"].shape == (10, 32, 32)
+    with pytest.raises(InputError, match="not a convolution layer"):
+        gradcam_script.main(gradcam_script.parse_arguments(["--model", str(run_dir), "--layer", "dense"]))
+
+
 def test_compare_without_runs_says_what_to_do(tmp_path, capsys):
     assert compare.main(["--out", str(tmp_path)]) == 2
     assert "no completed runs" in capsys.readouterr().err
+
+
+def test_explore_data_draws_counts_samples_and_original_sizes(tmp_path):
+    import explore_data
+    from PIL import Image
+    from test_data import write_image_tree
+
+    root = write_image_tree(tmp_path / "tree", per_class=4)  # images of more than one size
+    explore_data.main(explore_data.parse_arguments(["--data", str(root), "--out", str(tmp_path / "out"),
+                                                    "--samples-per-class", "3"]))
+    (folder,) = (tmp_path / "out" / "explore_data").iterdir()
+    for name in ("class_distribution.png", "samples.png", "image_sizes.png"):
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG" and image.width >= 500 and image.height >= 300
+    sizes = data.original_image_sizes(root)
+    assert len(sizes) == 24 and len(set(sizes)) >= 2  # as stored, not as converted to 32x32

@@ -164,3 +164,17 @@ def run(main, description, script_constants, argv=None):
               "Earlier runs in out/ are untouched.", file=sys.stderr)
         return 130
     return 0
+
+
+def run_tool(main, parse_arguments, argv=None):
+    """For the tools with arguments of their own (predict, gradcam, explore_data): runs
+    `main(parse_arguments(argv))`; bad input gives one line and status 2.
+
+    Returns the exit status: what `main` returns (None counts as 0), or 2.
+    """
+    prog = Path(sys.argv[0]).name
+    try:
+        return main(parse_arguments(argv)) or 0
+    except InputError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2

@@ -399,6 +399,28 @@ def _storage_side(images):
     return int(min(max(values[np.argmax(counts)], 32), MAX_STORED_IMAGE_SIDE))
 
 
+def original_image_sizes(data_path=None):
+    """(width, height) of every image of image-folder data, read from the file headers;
+    an empty list for the python-format CIFAR-10 (all 32x32) or a download."""
+    source_path, form = _locate(data_path)
+    if source_path is None or form not in ("image-folders", "image-folders-archive"):
+        return []
+    members = _Members(source_path)
+    sizes = []
+    for name in members.names():
+        parts = name.split("/")
+        if len(parts) < 3 or parts[-3] not in ("train", "test", *VALIDATION_FOLDER_NAMES):
+            continue
+        try:
+            with Image.open(io.BytesIO(members.read(name))) as image:
+                sizes.append(image.size)
+        except InputError:
+            raise
+        except Exception:  # not an image: the loader skips it too
+            continue
+    return sizes
+
+
 def read_image_file(path, side):
     """One image file of any format, size and mode as an RGB uint8 array (side, side, 3),
     converted as the data loader converts (see `to_rgb`) and resized bilinearly.

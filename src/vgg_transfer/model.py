@@ -319,3 +319,34 @@ class VGG16Classifier(keras.Model):
         config["base"] = keras.saving.deserialize_keras_object(config["base"])
         config["head"] = keras.saving.deserialize_keras_object(config["head"])
         return cls(**config)
+
+
+def load_saved_classifier(model_path):
+    """(model, class names, image side) from a run folder (its model.keras and metrics.json)
+    or a .keras file; images given to the model must be (side, side, 3) uint8.
+
+    Raises:
+        InputError: no model there, or a file that is not a model this project saved.
+    """
+    import json
+
+    path = Path(model_path)
+    model_file = path / "model.keras" if path.is_dir() else path
+    if not model_file.is_file():
+        raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
+    try:
+        model = keras.saving.load_model(model_file)
+    except Exception as error:
+        raise InputError(f"--model {model_file} is not a Keras model this project saved ({error})") from None
+    try:
+        side = model.input_shape[1]
+    except AttributeError:  # a subclassed model has no fixed input; VGG16Classifier resizes inside
+        side = model.image_size
+    num_classes = model(np.zeros((1, side, side, 3), np.uint8), training=False).shape[-1]
+    class_names = [f"class {index}" for index in range(num_classes)]
+    metrics_file = model_file.parent / "metrics.json"
+    if metrics_file.is_file():
+        names = json.loads(metrics_file.read_text()).get("data", {}).get("class_names", [])
+        if len(names) == num_classes:
+            class_names = names
+    return model, class_names, side

@@ -1,0 +1,125 @@
+"""A look at the data before training: class counts, sample images and, for image folders,
+the sizes the images came in.
+
+Writes to out/explore_data/<timestamp>/:
+- class_distribution.png: images per class in the training, validation and test sets;
+- samples.png: SAMPLES_PER_CLASS training images of each class;
+- image_sizes.png (image-folder data only): the original width and height of every image,
+  before the loader converted them to one square size.
+
+    python src/explore_data.py
+    python src/explore_data.py --data in/my-images.tar.gz
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vgg_transfer import cli, data, paths, runs  # noqa: E402
+from vgg_transfer.errors import InputError  # noqa: E402
+
+SAMPLES_PER_CLASS = 8
+VALIDATION_SPLIT = 0.1
+SEED = 42
+
+
+def parse_arguments(argv=None):
+    parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, metavar="PATH", help="as for the training scripts (default: in/)")
+    parser.add_argument("--samples-per-class", type=int, default=SAMPLES_PER_CLASS)
+    parser.add_argument("--out", default=str(paths.out_dir()), metavar="DIR")
+    arguments = parser.parse_args(argv)
+    if arguments.samples_per_class < 1:
+        raise InputError(f"--samples-per-class {arguments.samples_per_class} is out of range; pass at least 1")
+    return arguments
+
+
+def plot_class_distribution(path, dataset, title):
+    names = list(dataset.class_names)
+    positions = np.arange(len(names))
+    figure, axes = plt.subplots(figsize=(max(7, 0.8 * len(names) + 2), 4.5))
+    width = 0.27
+    for offset, (split, labels) in zip((-width, 0, width), (("training", dataset.y_train),
+                                                           ("validation", dataset.y_val), ("test", dataset.y_test))):
+        counts = np.bincount(labels, minlength=len(names))
+        bars = axes.bar(positions + offset, counts, width, label=f"{split} ({len(labels):,})")
+        axes.bar_label(bars, fontsize=6, rotation=90, padding=2)
+    axes.set_xticks(positions, names, rotation=30, ha="right")
+    axes.set_ylabel("images")
+    axes.set_xlabel("class")
+    axes.margins(y=0.15)
+    axes.legend()
+    axes.set_title(f"Images per class\n{title}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_samples(path, dataset, per_class, title):
+    names = list(dataset.class_names)
+    figure, grid = plt.subplots(len(names), per_class, figsize=(1.2 * per_class + 1.3, 1.25 * len(names) + 0.8),
+                                squeeze=False)
+    for row, name in enumerate(names):
+        picks = np.flatnonzero(dataset.y_train == row)[:per_class]
+        for column in range(per_class):
+            axes = grid[row, column]
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if column < len(picks):
+                axes.imshow(dataset.x_train[picks[column]], interpolation="nearest")
+        grid[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    figure.suptitle(f"Training images, {per_class} per class (rows)\n{title}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_image_sizes(path, sizes, title):
+    widths, heights = np.array(sizes).T
+    figure, (scatter, histogram) = plt.subplots(1, 2, figsize=(11, 4.5))
+    unique, counts = np.unique(np.stack([widths, heights], axis=1), axis=0, return_counts=True)
+    scatter.scatter(unique[:, 0], unique[:, 1], s=20 + 200 * counts / counts.max(), alpha=0.6)
+    for (width, height), count in zip(unique[np.argsort(-counts)][:5], np.sort(counts)[::-1][:5]):
+        scatter.annotate(f"{width}x{height}: {count:,}", (width, height), fontsize=7, xytext=(4, 4),
+                         textcoords="offset points")
+    scatter.set_xlabel("width (pixels)")
+    scatter.set_ylabel("height (pixels)")
+    scatter.set_title("Original size of each image (marker area: how many)")
+    histogram.hist(np.minimum(widths, heights), bins=min(40, max(5, len(unique))), color="tab:orange")
+    histogram.set_xlabel("shorter side (pixels)")
+    histogram.set_ylabel("images")
+    histogram.set_title("Shorter side")
+    for axes in (scatter, histogram):
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"Image sizes as stored, before conversion\n{title}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(arguments):
+    runs.check_writable(arguments.out)
+    dataset = data.load_dataset(arguments.data, VALIDATION_SPLIT, SEED)
+    folder = Path(arguments.out) / "explore_data" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True)
+    title = dataset.source
+    plot_class_distribution(folder / "class_distribution.png", dataset, title)
+    plot_samples(folder / "samples.png", dataset, arguments.samples_per_class, title)
+    written = ["class_distribution.png", "samples.png"]
+    sizes = data.original_image_sizes(arguments.data)
+    if sizes:
+        plot_image_sizes(folder / "image_sizes.png", sizes, title)
+        written.append("image_sizes.png")
+    print(f"{len(dataset.y_train):,} training, {len(dataset.y_val):,} validation and {len(dataset.y_test):,} test "
+          f"images of {dataset.num_classes} classes; wrote {', '.join(written)} to {folder}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_tool(main, parse_arguments))
