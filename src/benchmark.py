@@ -104,7 +104,7 @@ def matmul_peak(size, min_seconds):
 def main(config):
     sizes = parse_sizes(config.image_sizes)
     runs.check_writable(config.out)
-    keras.config.set_dtype_policy("mixed_bfloat16" if config.mixed_precision else "float32")
+    runs.set_precision(config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
     environment = runs.environment()
     print(f"Backend {environment['backend']}, device {environment['device']}, "

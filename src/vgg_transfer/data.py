@@ -298,10 +298,9 @@ def _decode_cifar_python(path):
     )
 
 
-def _decode_image_folders(path):
-    """Reads ROOT/{train,validation,test}/<class>/<image> from a folder or an archive."""
-    members = _Members(path)
-    # Find ROOT: the folder that holds train/ and test/ (an archive usually adds one level).
+def _split_members(members, path):
+    """The image-folder files by split: {"train": [...], "test": [...], maybe "validation"},
+    under ROOT, the folder that holds train/ and test/ (an archive usually adds one level)."""
     splits = {}
     for name in members.names():
         parts = name.split("/")
@@ -311,7 +310,13 @@ def _decode_image_folders(path):
     roots = [root for root, found in splits.items() if "train" in found and "test" in found]
     if not roots:
         raise InputError(f"{path} holds no train/<class>/ and test/<class>/ image folders; pass {ACCEPTED_FORMS}")
-    found = splits[min(roots, key=len)]
+    return splits[min(roots, key=len)]
+
+
+def _decode_image_folders(path):
+    """Reads ROOT/{train,validation,test}/<class>/<image> from a folder or an archive."""
+    members = _Members(path)
+    found = _split_members(members, path)
 
     class_names = tuple(sorted({name.split("/")[-2] for name in found["train"]}))
     if len(class_names) < 2:
@@ -407,17 +412,15 @@ def original_image_sizes(data_path=None):
         return []
     members = _Members(source_path)
     sizes = []
-    for name in members.names():
-        parts = name.split("/")
-        if len(parts) < 3 or parts[-3] not in ("train", "test", *VALIDATION_FOLDER_NAMES):
-            continue
-        try:
-            with Image.open(io.BytesIO(members.read(name))) as image:
-                sizes.append(image.size)
-        except InputError:
-            raise
-        except Exception:  # not an image: the loader skips it too
-            continue
+    for names in _split_members(members, source_path).values():
+        for name in names:
+            try:
+                with Image.open(io.BytesIO(members.read(name))) as image:
+                    sizes.append(image.size)
+            except InputError:
+                raise
+            except Exception:  # not an image: the loader skips it too
+                continue
     return sizes
 
 

@@ -187,6 +187,12 @@ def device_description():
     return "unknown"
 
 
+def set_precision(mixed_precision):
+    """bfloat16 compute with float32 weights, or float32 throughout; call before building models.
+    bfloat16 needs no loss scaling, unlike float16."""
+    keras.config.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
+
+
 def prepare(config, script_name):
     """What every script does first: check the output folder and the weights, then load the data.
 
@@ -198,8 +204,7 @@ def prepare(config, script_name):
     """
     check_writable(config.out)
     weights = models.resolve_weights(config.weights)
-    # Set before any model is built; bfloat16 needs no loss scaling, unlike float16.
-    keras.config.set_dtype_policy("mixed_bfloat16" if config.mixed_precision else "float32")
+    set_precision(config.mixed_precision)
     global current_run
     run = current_run = Run(config.out, script_name, resume_key(config, script_name))
     with run.timed("data"):

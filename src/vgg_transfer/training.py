@@ -110,7 +110,11 @@ class ResumeState(keras.callbacks.Callback):
         super().__init__()
         self.state_file = state_dir / "state.json"
         self.backup_metadata = state_dir / "backup" / "training_metadata.json"  # written by BackupAndRestore
-        self.early_stopping, self.reduce_lr, self.checkpoint = early_stopping, reduce_lr, checkpoint
+        # Each callback with the attributes that make up its state.
+        self.kept = ((early_stopping, ("wait", "best", "best_epoch")),
+                     (reduce_lr, ("wait", "best", "cooldown_counter")),
+                     (checkpoint, ("best",)))
+        self.early_stopping, self.checkpoint = early_stopping, checkpoint
         self.epochs = []
 
     def on_train_begin(self, logs=None):
@@ -121,9 +125,7 @@ class ResumeState(keras.callbacks.Callback):
         if len(state["epochs"]) != completed:
             return  # killed between the two saves: start the bookkeeping afresh rather than guess
         self.epochs = state["epochs"]
-        for callback, names in ((self.early_stopping, ("wait", "best", "best_epoch")),
-                                (self.reduce_lr, ("wait", "best", "cooldown_counter")),
-                                (self.checkpoint, ("best",))):
+        for callback, names in self.kept:
             for name in names:
                 setattr(callback, name, state[type(callback).__name__][name])
         if self.checkpoint.filepath and os.path.isfile(self.checkpoint.filepath):
@@ -134,9 +136,7 @@ class ResumeState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append({key: float(value) for key, value in (logs or {}).items()})
         state = {"epochs": self.epochs}
-        for callback, names in ((self.early_stopping, ("wait", "best", "best_epoch")),
-                                (self.reduce_lr, ("wait", "best", "cooldown_counter")),
-                                (self.checkpoint, ("best",))):
+        for callback, names in self.kept:
             state[type(callback).__name__] = {name: _plain(getattr(callback, name)) for name in names}
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.state_file.with_suffix(".tmp")
