@@ -7,7 +7,8 @@ small head all trainable, as in fine-tuning from block 1), on batches of raw uin
 counted FLOPs of the convolutions (a training step counted as 3x the forward pass: the
 forward, and the gradients for activations and for weights) it gives the achieved FLOP/s,
 and divides by the device's peak measured in the same run: a large matrix product in the
-compute dtype (float32, or bfloat16 with --mixed-precision).
+compute dtype (float32, or bfloat16 with --mixed-precision). With --distribute the batches
+are split over every local device and the peak is one device's times their number.
 
 Random images and random weights: the speed does not depend on them, so --data and
 --weights are not used. A table is printed and the figures are written as JSON to
@@ -26,7 +27,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from vgg_transfer import cli, model as models, runs
+from vgg_transfer import cli, distribute, model as models, runs
 from vgg_transfer.errors import InputError
 
 IMAGE_SIZES = "32,64,224"
@@ -105,14 +106,17 @@ def main(config):
     sizes = parse_sizes(config.image_sizes)
     runs.check_writable(config.out)
     runs.set_precision(config.mixed_precision)
+    distribute.configure(config)  # --distribute: every batch split over all local devices
     keras.utils.set_random_seed(config.seed)
     environment = runs.environment()
     print(f"Backend {environment['backend']}, device {environment['device']}, "
           f"{keras.config.dtype_policy().name}, batch size {config.batch_size}")
 
-    peak = matmul_peak(config.matmul_size, config.min_seconds)
+    # One device's product; with --distribute, the devices together can do that many times as much.
+    peak = matmul_peak(config.matmul_size, config.min_seconds) * distribute.replicas
     print(f"Peak: {peak / 1e12:.2f} TFLOP/s ({config.matmul_size}x{config.matmul_size} matrix product, "
-          f"{keras.config.dtype_policy().compute_dtype})")
+          f"{keras.config.dtype_policy().compute_dtype}"
+          f"{f', one device times {distribute.replicas}' if distribute.replicas > 1 else ''})")
     rng = np.random.default_rng(config.seed)
     rows = []
     for size in sizes:

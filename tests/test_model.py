@@ -97,3 +97,26 @@ def test_failed_imagenet_download_says_which_file_to_put_where(tmp_path, monkeyp
     monkeypatch.setattr(keras.applications, "VGG16", offline)
     with pytest.raises(InputError, match=f"could not download the ImageNet weights .*{models.WEIGHTS_FILE_NAME} into"):
         models.build_vgg16_base(models.resolve_weights("imagenet"), 32)
+
+
+def test_predictions_and_splits_on_several_devices_cover_every_test_image(monkeypatch):
+    """With 3 devices, the test set is padded for prediction and the padding dropped, and
+    the training and validation sets are cut to whole multiples of 3."""
+    from vgg_transfer import distribute
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    x = np.random.default_rng(0).standard_normal((7, 4)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    monkeypatch.setattr(distribute, "replicas", 3)
+    seen = []
+    monkeypatch.setattr(model, "predict", lambda inputs, **kwargs: seen.append(len(inputs)) or expected[
+        np.minimum(np.arange(len(inputs)), len(x) - 1)])
+    np.testing.assert_array_equal(distribute.predict(model, x, batch_size=3), expected)
+    assert seen == [9]  # padded to a multiple of 3
+
+    images = np.zeros((11, 32, 32, 3), np.uint8)
+    dataset = data.Dataset(images, np.arange(11), images[:5], np.arange(5), images[:4], np.arange(4),
+                           ("a",), "test", "test")
+    trimmed = distribute.whole_batches(dataset)
+    assert (len(trimmed.x_train), len(trimmed.y_train), len(trimmed.x_val), len(trimmed.y_val)) == (9, 9, 3, 3)
+    assert len(trimmed.x_test) == 4  # the test set stays whole

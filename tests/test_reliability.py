@@ -5,6 +5,7 @@ The main job runs in subprocesses here, so that a real SIGKILL or Ctrl-C (SIGINT
 one midway: `VGG_TRANSFER_INTERRUPT_AFTER_EPOCH` sends the signal at the end of an epoch.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -31,20 +32,39 @@ NOISE = 0.08
 COMMAND = ["--subset", "1000", "--epochs", str(EPOCHS), "--early-stopping-patience", "10", "--quiet"]
 
 
-def _main_job(shared_data, out_dir, interrupt=None, backend="tensorflow"):
+def _main_job(shared_data, out_dir, interrupt=None, backend="tensorflow", devices=1, extra=()):
+    """Runs the main job's COMMAND; `devices` > 1 splits the CPU into that many virtual devices."""
     archive, weights = shared_data
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": backend}
     environment.pop(SIMULATED_INTERRUPTION, None)
     if interrupt:
         environment[SIMULATED_INTERRUPTION] = interrupt
+    python = [sys.executable]
+    if devices > 1 and backend == "jax":
+        environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    elif devices > 1:
+        python += ["-c", TENSORFLOW_LOGICAL_DEVICES.format(devices=devices)]
     return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data", str(archive),
-         "--weights", str(weights), "--out", str(out_dir), *COMMAND],
+        [*python, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data", str(archive),
+         "--weights", str(weights), "--out", str(out_dir), *COMMAND, *extra],
         capture_output=True, text=True, env=environment, timeout=600,
         # A shell's background jobs start with Ctrl-C (SIGINT) ignored, and Python keeps it
         # ignored; give the child the default, as a terminal would.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+# Runs the script named by the first argument after the CPU is split into logical devices,
+# which TensorFlow allows only before it first uses a device.
+TENSORFLOW_LOGICAL_DEVICES = """
+import os, runpy, sys
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * {devices})
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def _runs(out_dir):
@@ -102,13 +122,15 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(shared_data, tmp_path, u
     assert metrics["best_val_loss"] == pytest.approx(uninterrupted[0]["best_val_loss"], rel=0.15)
 
 
-def test_the_jax_backend_gives_the_same_result_within_noise(shared_data, tmp_path, uninterrupted):
-    try:
-        import jax  # noqa: F401
-    except ImportError:
+def _require_jax():
+    if importlib.util.find_spec("jax") is None:
         if os.environ.get("REQUIRE_SHARED_DATA") == "1":
             pytest.fail("jax is not installed; CI installs jax[cpu] for this test")
         pytest.skip("jax is not installed (pip install 'jax[cpu]')")
+
+
+def test_the_jax_backend_gives_the_same_result_within_noise(shared_data, tmp_path, uninterrupted):
+    _require_jax()
     out_dir = tmp_path / "out"
     finished = _main_job(shared_data, out_dir, backend="jax")
     assert finished.returncode == 0, finished.stderr
@@ -119,6 +141,32 @@ def test_the_jax_backend_gives_the_same_result_within_noise(shared_data, tmp_pat
     metrics = _metrics(run_dir)
     assert metrics["environment"]["backend"] == "jax" and metrics["epochs_run"] == EPOCHS
     assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=NOISE)
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_data_parallel_training_on_two_devices_matches_one_device_within_noise(
+        shared_data, tmp_path, uninterrupted, backend):
+    if backend == "jax":
+        _require_jax()
+    finished = _main_job(shared_data, tmp_path / "out", backend=backend, devices=2, extra=["--distribute"])
+    assert finished.returncode == 0, finished.stderr
+    assert "Data-parallel over 2 devices" in finished.stdout
+    (run_dir,), _ = _runs(tmp_path / "out")
+    metrics = _metrics(run_dir)
+    distribution = metrics["environment"]["distribution"]
+    engine = {"jax": "keras.distribution.DataParallel", "tensorflow": "tf.distribute.MirroredStrategy"}[backend]
+    assert distribution["engine"] == engine and len(distribution["devices"]) == distribution["replicas"] == 2
+    assert metrics["data"]["test_images"] == 200 and metrics["epochs_run"] == EPOCHS
+    assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=NOISE)
+
+
+def test_a_batch_size_that_does_not_split_over_the_devices_is_named(shared_data, tmp_path):
+    _require_jax()
+    finished = _main_job(shared_data, tmp_path / "out", backend="jax", devices=2,
+                         extra=["--distribute", "--batch-size", "511"])
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr
+    assert "--batch-size 511 does not split evenly over 2 devices; pass a multiple of 2" in finished.stderr
+    assert not (tmp_path / "out" / "transfer_learning").exists()
 
 
 class _PoisonAfter(keras.callbacks.Callback):

@@ -58,7 +58,7 @@ def parse_config(description, script_constants, argv=None, prog=None):
 
     Returns:
         Namespace with one lowercase attribute per constant plus the common flags `data`,
-        `weights`, `out`, `subset`, `quiet` and `mixed_precision`; `config.hyperparameters` maps the constant
+        `weights`, `out`, `subset`, `quiet`, `mixed_precision` and `distribute`; `config.hyperparameters` maps the constant
         names to their resolved values.
 
     Raises:
@@ -82,6 +82,10 @@ def parse_config(description, script_constants, argv=None, prog=None):
     common.add_argument("--mixed-precision", action="store_true",
                         help="compute in bfloat16 with float32 weights and outputs (fast on recent GPUs, "
                              "slow on most CPUs)")
+    common.add_argument("--distribute", action="store_true",
+                        help="train data-parallel over every local device (all GPUs, or the CPU devices): "
+                             "DataParallel on JAX, MirroredStrategy on TensorFlow; BATCH_SIZE is split "
+                             "between the devices")
 
     hyper = parser.add_argument_group("hyperparameters (the constants at the top of the script)")
     for name, default in script_constants.items():

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from vgg_transfer import model as models
-from vgg_transfer import cache, paths, training
+from vgg_transfer import cache, distribute, paths, training
 
 # Bumped whenever what goes into the features changes (e.g. the preprocessing), so that
 # old caches are not reused.
@@ -48,7 +48,7 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
         except Exception as error:  # Truncated or corrupt: rebuild rather than trust it.
             warnings.warn(f"Ignoring unreadable feature cache {cache_file} ({error}); extracting again.")
     features = {
-        name: np.asarray(feature_extractor.predict(images, batch_size=batch_size, verbose=verbose), dtype=np.float32)
+        name: distribute.predict(feature_extractor, images, batch_size, verbose).astype(np.float32, copy=False)
         for name, images in image_sets.items()
     }
     cache.save_npz_atomically(cache_file, features)
@@ -116,14 +116,12 @@ def whole_model_test_probabilities(classifier, head, test_features, dataset, run
         # bfloat16 keeps 8 bits of mantissa: the same model, fused differently, differs in the 3rd digit.
         tolerance = 2e-2 if config.mixed_precision else 1e-4
     with run.timed("evaluation"):
-        probabilities = np.asarray(head.predict(test_features, batch_size=config.batch_size, verbose=0), np.float64)
+        probabilities = distribute.predict(head, test_features, config.batch_size).astype(np.float64)
         sample = dataset.x_test[:VERIFIED_TEST_IMAGES]
-        direct = np.asarray(classifier.predict(sample, batch_size=config.batch_size, verbose=0), np.float64)
+        direct = distribute.predict(classifier, sample, config.batch_size).astype(np.float64)
         difference = float(np.max(np.abs(direct - probabilities[: len(sample)])))
         if difference > tolerance:
             warnings.warn(f"The head on cached test features differs from the whole model by {difference:.2g}; "
                           f"predicting every test image with the whole model instead.")
-            probabilities = np.asarray(
-                classifier.predict(dataset.x_test, batch_size=config.batch_size, verbose=0), np.float64
-            )
+            probabilities = distribute.predict(classifier, dataset.x_test, config.batch_size).astype(np.float64)
     return probabilities

@@ -2,7 +2,7 @@
 class lies, for any model this project saves (functional, Sequential or subclassed).
 
 The gradient of the class probability with respect to the layer's activations comes from
-the backend's own automatic differentiation (TensorFlow's GradientTape or `jax.grad`); the
+the backend's own automatic differentiation (TensorFlow's GradientTape, `jax.grad` or torch.autograd); the
 model itself is not rebuilt. The chosen layer's output is given a zero offset during one
 forward pass, and the gradient with respect to that offset is the gradient with respect to
 the activations, wherever the layer sits (nested models included).
@@ -112,4 +112,11 @@ def _gradient(score, zeros):
 
         (_, activation), gradient = jax.value_and_grad(score, has_aux=True)(zeros)
         return gradient, activation
-    raise InputError(f"Grad-CAM needs the tensorflow or jax backend, not {backend}; set KERAS_BACKEND")
+    if backend == "torch":
+        import torch  # torch-only branch: its autograd
+
+        offset = torch.tensor(zeros, device=keras.ops.convert_to_tensor(zeros).device, requires_grad=True)
+        value, activation = score(offset)
+        (gradient,) = torch.autograd.grad(value, offset)
+        return gradient.detach(), activation.detach()
+    raise InputError(f"Grad-CAM needs the tensorflow, jax or torch backend, not {backend}; set KERAS_BACKEND")

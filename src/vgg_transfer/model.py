@@ -321,6 +321,12 @@ class VGG16Classifier(keras.Model):
         return cls(**config)
 
 
+# On the torch backend Keras saves its optimizers under torch-only class paths, which other
+# backends cannot import; a model's nested parts keep the optimizer they were compiled with.
+# These names make a model saved on any backend load on any other.
+PORTABLE_OPTIMIZERS = {"Adam": keras.optimizers.Adam, "AdamW": keras.optimizers.AdamW}
+
+
 def load_saved_classifier(model_path):
     """(model, class names, image side) from a run folder (its model.keras and metrics.json)
     or a .keras file; images given to the model must be (side, side, 3) uint8.
@@ -335,7 +341,7 @@ def load_saved_classifier(model_path):
     if not model_file.is_file():
         raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
     try:
-        model = keras.saving.load_model(model_file)
+        model = keras.saving.load_model(model_file, compile=False, custom_objects=PORTABLE_OPTIMIZERS)
     except Exception as error:
         raise InputError(f"--model {model_file} is not a Keras model this project saved ({error})") from None
     try:

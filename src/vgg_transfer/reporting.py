@@ -17,15 +17,14 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as sk_metrics  # noqa: E402
 
 from vgg_transfer import model as models  # noqa: E402
-from vgg_transfer import runs  # noqa: E402
+from vgg_transfer import distribute, runs  # noqa: E402
 
 MODEL_FILE_NAME = "model.keras"
 
 
 def predict_test_set(classifier, dataset, batch_size, verbose=0):
     """Class probabilities (N_test, num_classes) for the test images, in their stored order."""
-    probabilities = classifier.predict(dataset.x_test, batch_size=batch_size, verbose=verbose)
-    return np.asarray(probabilities, dtype=np.float64)
+    return distribute.predict(classifier, dataset.x_test, batch_size, verbose).astype(np.float64)
 
 
 def cross_entropy(probabilities, labels):
@@ -307,6 +306,8 @@ def write_report_markdown(path, metrics, report_text, title):
     )
     environment = metrics["environment"]
     hyperparameters = ", ".join(f"`{name}={value}`" for name, value in metrics["hyperparameters"].items())
+    distribution = environment.get("distribution")
+    parallel = f", data-parallel over {distribution['replicas']} devices" if distribution else ""
     path.write_text(f"""# {title}
 
 Test accuracy **{metrics['test_accuracy']:.2%}**, macro-F1 {metrics['macro_f1']:.2%}, on
@@ -314,7 +315,7 @@ Test accuracy **{metrics['test_accuracy']:.2%}**, macro-F1 {metrics['macro_f1']:
 {metrics['best_val_accuracy']:.2%} (epoch {metrics['best_epoch']} of {metrics['epochs_run']}).
 Model `{metrics['model']['name']}`: {metrics['model']['trainable_parameters']:,} trainable of
 {metrics['model']['total_parameters']:,} parameters. Wall time {metrics['seconds']['total']:.1f} s on
-{environment['device']} ({environment['machine']}), Keras backend {environment['backend']}.
+{environment['device']} ({environment['machine']}), Keras backend {environment['backend']}{parallel}.
 
 Hyperparameters: {hyperparameters}. Weights: {metrics['weights']}.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import keras
 
-from vgg_transfer import data, model as models
+from vgg_transfer import data, distribute, model as models
 from vgg_transfer.errors import InputError
 
 
@@ -131,13 +131,13 @@ def _resume_key_of(partial_path):
 
 def resume_key(config, script_name):
     """A digest of what makes two commands the same run: script, backend, hyperparameters,
-    data, weights, subset and precision (not --out or --quiet)."""
+    data, weights, subset, precision and device count (not --out or --quiet)."""
     import keras
 
     same_run = {
         "script": script_name, "backend": keras.config.backend(), "hyperparameters": config.hyperparameters,
         "data": str(config.data), "weights": str(config.weights), "subset": config.subset,
-        "mixed_precision": config.mixed_precision,
+        "mixed_precision": config.mixed_precision, "replicas": distribute.replicas,
     }
     return hashlib.sha1(json.dumps(same_run, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -160,6 +160,7 @@ def environment():
         "backend": keras.config.backend(),
         "device": device_description(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "distribution": distribute.description,
         "versions": versions,
     }
 
@@ -205,8 +206,11 @@ def prepare(config, script_name):
     check_writable(config.out)
     weights = models.resolve_weights(config.weights)
     set_precision(config.mixed_precision)
+    distribute.configure(config)  # before any model is built
     global current_run
     run = current_run = Run(config.out, script_name, resume_key(config, script_name))
     with run.timed("data"):
-        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+        dataset = distribute.whole_batches(
+            data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+        )
     return run, weights, dataset
