@@ -120,3 +120,47 @@ def test_predictions_and_splits_on_several_devices_cover_every_test_image(monkey
     trimmed = distribute.whole_batches(dataset)
     assert (len(trimmed.x_train), len(trimmed.y_train), len(trimmed.x_val), len(trimmed.y_val)) == (9, 9, 3, 3)
     assert len(trimmed.x_test) == 4  # the test set stays whole
+
+
+def test_a_model_saved_on_the_torch_backend_loads_on_this_one(tmp_path):
+    """On torch, Keras saves optimizers under torch-only class paths (also inside nested,
+    separately compiled parts such as the main job's head); the project's loader maps them."""
+    import json
+    import zipfile
+
+    head = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                             keras.layers.Dense(2, activation="softmax")], name="head")
+    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    inputs = keras.Input((4, 4, 3), dtype="uint8")
+    model = keras.Model(inputs, head(keras.ops.cast(inputs, "float32")))
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy")
+    saved, as_if_torch = tmp_path / "saved.keras", tmp_path / "model.keras"
+    model.save(saved)
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(as_if_torch, "w") as target:
+        for item in source.infolist():
+            content = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(content)
+                assert _as_saved_on_torch(config) == 2  # the head's Adam and the model's AdamW
+                content = json.dumps(config).encode()
+            target.writestr(item, content)
+    with pytest.raises(Exception, match="torch"):
+        keras.saving.load_model(as_if_torch)
+    loaded, _, side = models.load_saved_classifier(as_if_torch)
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    assert side == 4
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+
+
+def _as_saved_on_torch(config):
+    """Rewrites every optimizer entry of a saved model's config as Keras on torch writes it;
+    returns how many there were."""
+    if isinstance(config, list):
+        return sum(_as_saved_on_torch(item) for item in config)
+    if not isinstance(config, dict):
+        return 0
+    if config.get("module") == "keras.optimizers":
+        config["module"] = f"keras.src.backend.torch.optimizers.torch_{config['class_name'].lower()}"
+        config["registered_name"] = config["class_name"]
+        return 1
+    return sum(_as_saved_on_torch(value) for value in config.values())

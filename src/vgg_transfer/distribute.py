@@ -42,21 +42,23 @@ def configure(config):
     backend = keras.config.backend()
     if backend == "jax":
         devices = keras.distribution.list_devices()  # the accelerators if any, else the CPU devices
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        engine = "keras.distribution.DataParallel"
     elif backend == "tensorflow":
         import tensorflow as tf  # TensorFlow-only path: its own data-parallel engine
 
         devices = ([device.name for device in tf.config.list_logical_devices("GPU")]
                    or [device.name for device in tf.config.list_logical_devices("CPU")])
-        tf.distribute.experimental_set_strategy(tf.distribute.MirroredStrategy(devices))
-        engine = "tf.distribute.MirroredStrategy"
     else:
         raise InputError(f"--distribute needs KERAS_BACKEND=jax or tensorflow; Keras has no data-parallel "
                          f"training for the {backend} backend")
     if config.batch_size % len(devices):
         raise InputError(f"--batch-size {config.batch_size} does not split evenly over {len(devices)} devices; "
                          f"pass a multiple of {len(devices)}")
+    if backend == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        engine = "keras.distribution.DataParallel"
+    else:
+        tf.distribute.experimental_set_strategy(tf.distribute.MirroredStrategy(devices))
+        engine = "tf.distribute.MirroredStrategy"
     replicas = len(devices)
     description = {"engine": engine, "replicas": replicas, "devices": [str(device) for device in devices]}
     print(f"Data-parallel over {replicas} device{'s' if replicas > 1 else ''} ({engine}): "
