@@ -59,15 +59,9 @@ def chosen_images(arguments, side, class_names):
 
 def _run_data_path(model_path):
     """The data path a run was trained on, if its metrics.json names a local one."""
-    import json
-
-    metrics_file = (Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent) / "metrics.json"
-    if metrics_file.is_file():
-        source = json.loads(metrics_file.read_text()).get("data", {}).get("source", "")
-        candidate = Path(source.rsplit(" (", 1)[0])
-        if candidate.exists():
-            return candidate
-    return None
+    source = models.saved_run_metrics(model_path).get("data", {}).get("source", "")
+    candidate = Path(source.rsplit(" (", 1)[0])
+    return candidate if source and candidate.exists() else None
 
 
 def plot(path, images, maps, probabilities, class_names, captions, title, layer_name):

@@ -115,7 +115,7 @@ def _gradient(score, zeros):
     if backend == "torch":
         import torch  # torch-only branch: its autograd
 
-        offset = torch.tensor(zeros, device=keras.ops.convert_to_tensor(zeros).device, requires_grad=True)
+        offset = keras.ops.convert_to_tensor(zeros).requires_grad_()
         value, activation = score(offset)
         (gradient,) = torch.autograd.grad(value, offset)
         return gradient.detach(), activation.detach()

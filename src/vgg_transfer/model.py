@@ -326,6 +326,19 @@ class VGG16Classifier(keras.Model):
 # These names make a model saved on any backend load on any other.
 PORTABLE_OPTIMIZERS = {"Adam": keras.optimizers.Adam, "AdamW": keras.optimizers.AdamW}
 
+# What a run folder calls its whole model.
+MODEL_FILE_NAME = "model.keras"
+
+
+def saved_run_metrics(model_path):
+    """The metrics.json of the run a saved model belongs to (a run folder, or a .keras file
+    in one), or {} when there is none."""
+    import json
+
+    path = Path(model_path)
+    metrics_file = (path if path.is_dir() else path.parent) / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
 
 def load_saved_classifier(model_path):
     """(model, class names, image side) from a run folder (its model.keras and metrics.json)
@@ -334,10 +347,8 @@ def load_saved_classifier(model_path):
     Raises:
         InputError: no model there, or a file that is not a model this project saved.
     """
-    import json
-
     path = Path(model_path)
-    model_file = path / "model.keras" if path.is_dir() else path
+    model_file = path / MODEL_FILE_NAME if path.is_dir() else path
     if not model_file.is_file():
         raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
     try:
@@ -349,10 +360,6 @@ def load_saved_classifier(model_path):
     except AttributeError:  # a subclassed model has no fixed input; VGG16Classifier resizes inside
         side = model.image_size
     num_classes = model(np.zeros((1, side, side, 3), np.uint8), training=False).shape[-1]
-    class_names = [f"class {index}" for index in range(num_classes)]
-    metrics_file = model_file.parent / "metrics.json"
-    if metrics_file.is_file():
-        names = json.loads(metrics_file.read_text()).get("data", {}).get("class_names", [])
-        if len(names) == num_classes:
-            class_names = names
+    names = saved_run_metrics(model_file).get("data", {}).get("class_names", [])
+    class_names = names if len(names) == num_classes else [f"class {index}" for index in range(num_classes)]
     return model, class_names, side

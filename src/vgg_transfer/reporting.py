@@ -19,9 +19,6 @@ from sklearn import metrics as sk_metrics  # noqa: E402
 from vgg_transfer import model as models  # noqa: E402
 from vgg_transfer import distribute, runs  # noqa: E402
 
-MODEL_FILE_NAME = "model.keras"
-
-
 def predict_test_set(classifier, dataset, batch_size, verbose=0):
     """Class probabilities (N_test, num_classes) for the test images, in their stored order."""
     return distribute.predict(classifier, dataset.x_test, batch_size, verbose).astype(np.float64)
@@ -69,7 +66,7 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
         labels, predicted, labels=label_ids, target_names=names, output_dict=True, zero_division=0
     )
     (run.path / "classification_report.txt").write_text(
-        f"{run.script_name}: test set, {len(labels)} images, model {MODEL_FILE_NAME}\n\n{report_text}"
+        f"{run.script_name}: test set, {len(labels)} images, model {models.MODEL_FILE_NAME}\n\n{report_text}"
     )
     _write_predictions(run.path / "predictions.csv", labels, predicted, confidence, names)
 
@@ -78,8 +75,8 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
               for key in ("loss", "val_loss", "accuracy", "val_accuracy")}
     phase_starts = list(np.cumsum([len(h.history.get("loss", [])) for h in histories])[:-1])
     _write_history(run.path / "history.csv", histories)
-    plot_loss(run.path / "loss_plot.png", epochs, f"{run.script_name}: {run.final_path.name}", phase_starts)
     run_title = f"{run.script_name}: {run.final_path.name}"
+    plot_loss(run.path / "loss_plot.png", epochs, run_title, phase_starts)
     plot_confusion_matrix(
         run.path / "confusion_matrix.png", sk_metrics.confusion_matrix(labels, predicted, labels=label_ids), names,
         f"{run_title}, test accuracy {float(np.mean(predicted == labels)):.2%}",
@@ -90,7 +87,7 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
         # A compiled-only model's optimizer has no state yet; building it makes the saved
         # state match what load_model rebuilds, which otherwise warns on every reload.
         classifier.optimizer.build(classifier.trainable_variables)
-    classifier.save(run.path / MODEL_FILE_NAME)
+    classifier.save(run.path / models.MODEL_FILE_NAME)
 
     trainable, total = models.count_parameters(classifier)
     best_epoch = int(np.argmin(epochs["val_loss"])) if epochs["val_loss"] else None

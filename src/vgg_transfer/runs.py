@@ -132,8 +132,6 @@ def _resume_key_of(partial_path):
 def resume_key(config, script_name):
     """A digest of what makes two commands the same run: script, backend, hyperparameters,
     data, weights, subset, precision and device count (not --out or --quiet)."""
-    import keras
-
     same_run = {
         "script": script_name, "backend": keras.config.backend(), "hyperparameters": config.hyperparameters,
         "data": str(config.data), "weights": str(config.weights), "subset": config.subset,
