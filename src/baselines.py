@@ -34,6 +34,7 @@ SEED = 42
 AUGMENT = True
 HEAD_DROPOUT = 0.5
 EARLY_STOPPING_PATIENCE = 6
+LR_SCHEDULE = "plateau"  # the two below; or "cosine" (see training.learning_rate_callback)
 REDUCE_LR_PATIENCE = 3
 REDUCE_LR_FACTOR = 0.2
 

@@ -37,6 +37,7 @@ HEAD_UNITS = 512
 INPUT_DROPOUT = 0.2
 HEAD_DROPOUT = 0.5
 EARLY_STOPPING_PATIENCE = 3
+LR_SCHEDULE = "plateau"  # the two below; or "cosine" (see training.learning_rate_callback)
 REDUCE_LR_PATIENCE = 1
 REDUCE_LR_FACTOR = 0.2
 

@@ -188,7 +188,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     training.compile_classifier(model, 1e-2)
     config = Namespace(epochs=5, batch_size=16, quiet=True, early_stopping_patience=5,
-                       reduce_lr_patience=5, reduce_lr_factor=0.5)
+                       lr_schedule="plateau", reduce_lr_patience=5, reduce_lr_factor=0.5)
     run = runs.Run(tmp_path / "out", "toy", resume_key="toy")
     poison = _PoisonAfter(2)
     monkeypatch.setattr(training, "standard_callbacks",
@@ -201,6 +201,47 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp
 
 
 STANDARD = training.standard_callbacks
+
+
+class _InterruptAfter(keras.callbacks.Callback):
+    """Ctrl-C at the end of an epoch, in process (stands in for training._SimulatedInterruption)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.epoch = int(spec.split(":")[0])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_the_cosine_schedule_follows_its_curve_across_an_interruption(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 4)).astype("float32"), rng.integers(0, 2, 64)
+    config = Namespace(epochs=5, batch_size=16, quiet=True, early_stopping_patience=5, lr_schedule="cosine")
+    run = runs.Run(tmp_path / "out", "toy", resume_key="toy")
+
+    def compiled_model():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        training.compile_classifier(model, 1e-2)
+        return model
+
+    monkeypatch.setattr(training, "_SimulatedInterruption", _InterruptAfter)
+    monkeypatch.setenv(SIMULATED_INTERRUPTION, "2:SIGINT")
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(compiled_model(), x, y, (x, y), run, config)
+    monkeypatch.delenv(SIMULATED_INTERRUPTION)
+    history = training.fit(compiled_model(), x, y, (x, y), run, config)  # the same command again
+    expected = [1e-2 * (1 + np.cos(np.pi * epoch / 5)) / 2 for epoch in range(5)]  # 1e-2 down to 9.5e-4
+    np.testing.assert_allclose(history.history["learning_rate"], expected, rtol=1e-5)
+    assert not any(isinstance(callback, keras.callbacks.ReduceLROnPlateau)
+                   for callback in training.standard_callbacks(run, config, epochs=5, initial_learning_rate=1e-2))
+
+
+def test_an_unknown_learning_rate_schedule_is_named():
+    constants = {"EPOCHS": 3, "SEED": 0, "LR_SCHEDULE": "plateau"}
+    with pytest.raises(InputError, match="--lr-schedule: invalid choice: 'step' \\(choose from .*plateau.*cosine"):
+        cli.parse_config("doc", constants, ["--lr-schedule", "step"])
 
 
 @pytest.mark.parametrize(

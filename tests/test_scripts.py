@@ -114,7 +114,8 @@ def test_sequential_head_without_spatial_room_is_rejected_before_training(shared
 
 @pytest.mark.parametrize("augment", ["--no-augment", "--augment"])
 def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(out_dir, shared_data, augment, tmp_path):
-    run_dir = _run(fine_tune, tmp_path, shared_data, "--epochs", "2", "--fine-tune-epochs", "2", augment)
+    schedule = ["--lr-schedule", "cosine"] if augment == "--augment" else []  # each phase on its own curve
+    run_dir = _run(fine_tune, tmp_path, shared_data, "--epochs", "2", "--fine-tune-epochs", "2", augment, *schedule)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with open(run_dir / "history.csv") as file:
         history = list(csv.DictReader(file))
@@ -124,6 +125,8 @@ def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(out_dir
     best_phase_1 = min(float(row["val_loss"]) for row in phase_1)
     assert metrics["phase_2_start_val_loss"] == pytest.approx(best_phase_1, rel=1e-3)
     assert metrics["phase_2_cached_lower_activations"] is (augment == "--no-augment")
+    if schedule:  # epoch 1 of each phase at its compiled rate, epoch 2 at half of it
+        np.testing.assert_allclose([float(row["learning_rate"]) for row in history], [1e-3, 5e-4, 1e-5, 5e-6])
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(fine_tune, shared_data))
     assert _trainable_base_layers(model) == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert (run_dir / "checkpoints" / "best_phase_2.keras").is_file()

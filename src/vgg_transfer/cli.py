@@ -32,6 +32,11 @@ _SUFFIX_RULES = {
     "FACTOR": lambda v: None if 0 < v < 1 else "strictly between 0 and 1",
 }
 
+# String constants with a fixed set of values: the flag accepts only these.
+CHOICES = {
+    "LR_SCHEDULE": ("plateau", "cosine"),  # see training.learning_rate_callback
+}
+
 
 def constants(namespace):
     """The UPPERCASE int, float, str and bool constants of a module's `globals()`."""
@@ -95,7 +100,9 @@ def parse_config(description, script_constants, argv=None, prog=None):
                                help=f"(default: {default})")
         else:
             kind = float if isinstance(default, float) else type(default)
-            hyper.add_argument(flag, dest=name.lower(), type=kind, default=default, metavar=name,
+            choices = CHOICES.get(name)
+            hyper.add_argument(flag, dest=name.lower(), type=kind, default=default, choices=choices,
+                               metavar="{" + ",".join(choices) + "}" if choices else name,
                                help=f"(default: {default})")
     config = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
     config.hyperparameters = {name: getattr(config, name.lower()) for name in script_constants}
