@@ -17,11 +17,12 @@ in training when AUGMENT is on.
 
 import sys
 
-import keras
-from keras import layers
-
+# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
 from vgg_transfer import cli, model as models, reporting, runs, training
 from vgg_transfer.errors import InputError
+
+import keras
+from keras import layers
 
 MODEL = "small_cnn"
 EPOCHS = 30

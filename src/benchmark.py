@@ -24,11 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import keras
-import numpy as np
-
+# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
 from vgg_transfer import cli, distribute, model as models, runs
 from vgg_transfer.errors import InputError
+
+import keras
+import numpy as np
 
 IMAGE_SIZES = "32,64,224"
 BATCH_SIZE = 64

@@ -20,10 +20,12 @@ block 5 on all of CIFAR-10 then took 22 minutes (see the README).
 
 import sys
 
+# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
+from vgg_transfer import cli, features, model as models, reporting, runs, training
+
 import keras
 from keras import layers
 
-from vgg_transfer import cli, features, model as models, reporting, runs, training
 
 # Hyperparameters: edit here, or override with the flag of the same name.
 EPOCHS = 8  # phase 1: the head on the frozen base

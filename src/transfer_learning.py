@@ -17,10 +17,12 @@ image down to a single 1x1 cell, and its features classify CIFAR-10 worse than b
 
 import sys
 
+# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
+from vgg_transfer import cli, features, model as models, reporting, runs, training
+
 import keras
 from keras import layers
 
-from vgg_transfer import cli, features, model as models, reporting, runs, training
 
 # Hyperparameters: edit here, or override with the flag of the same name (--epochs 5).
 # The short schedule keeps a rerun well under a minute on a 2-core CPU; --epochs 40

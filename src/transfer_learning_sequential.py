@@ -18,11 +18,12 @@ together on images, with augmentation, at LEARNING_RATE (slow without a GPU).
 
 import sys
 
-import keras
-from keras import layers
-
+# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
 from vgg_transfer import cli, features, model as models, reporting, runs, training
 from vgg_transfer.errors import InputError
+
+import keras
+from keras import layers
 
 EPOCHS = 10
 BATCH_SIZE = 256

@@ -12,10 +12,12 @@ the main job; the test figures come from the whole subclassed model.
 
 import sys
 
+# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
+from vgg_transfer import cli, features, model as models, reporting, runs, training
+
 import keras
 from keras import layers
 
-from vgg_transfer import cli, features, model as models, reporting, runs, training
 
 EPOCHS = 8
 BATCH_SIZE = 512

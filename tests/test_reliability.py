@@ -37,6 +37,7 @@ def _main_job(shared_data, out_dir, interrupt=None, backend="tensorflow", device
     archive, weights = shared_data
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": backend}
     environment.pop(SIMULATED_INTERRUPTION, None)
+    environment.pop("TF_CPP_MIN_LOG_LEVEL", None)  # TensorFlow set it in this process; a terminal has none
     if interrupt:
         environment[SIMULATED_INTERRUPTION] = interrupt
     python = [sys.executable]
@@ -83,7 +84,12 @@ def uninterrupted(shared_data, tmp_path_factory):
     """Two uninterrupted runs of the same command with the same seed."""
     out_dir = tmp_path_factory.mktemp("uninterrupted")
     for _ in range(2):
-        assert _main_job(shared_data, out_dir).returncode == 0
+        finished = _main_job(shared_data, out_dir)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        # TensorFlow's C++ warnings and errors (a CUDA "error" on a CPU machine) stay quiet:
+        # the log level is set before TensorFlow loads.
+        logged = [line for line in finished.stderr.splitlines() if line[:5] in ("W0000", "E0000")]
+        assert not logged, logged
     complete, partial = _runs(out_dir)
     assert len(complete) == 2 and not partial
     return [_metrics(run_dir) for run_dir in complete]

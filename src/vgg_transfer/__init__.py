@@ -12,5 +12,8 @@
 import os
 
 # Quieten TensorFlow's C++ logging (on a CPU-only machine it logs a CUDA "error" that is
-# none); must happen before TensorFlow is imported. Python exceptions are unaffected.
+# none, "failed call to cuInit"). TensorFlow reads this once, as it loads, so every script
+# imports this package before Keras. Python exceptions are unaffected. TensorFlow 2.21
+# still prints six lines while it loads (oneDNN, "Could not find cuda drivers"), before its
+# logging reads any setting (tensorflow/tensorflow#100442): they are harmless.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
