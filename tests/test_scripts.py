@@ -144,6 +144,21 @@ def test_baselines_train_from_scratch_and_reload(shared_data, network, convoluti
     assert all(weight.trainable for weight in model.trainable_weights) and len(model.trainable_weights) > 0
 
 
+def test_baselines_decay_the_kernels_only():
+    config = cli.parse_config("", cli.constants(vars(baselines)), ["--model", "vgg11_bn", "--learning-rate", "0.1"])
+    classifier = baselines.build_model((32, 32, 3), 10, config)
+    optimizer = baselines.decoupled_weight_decay(classifier, config)
+    variables = classifier.trainable_variables
+    before = [keras.ops.convert_to_numpy(v) for v in variables]
+    # With zero gradients Adam's own step is zero, so only the weight decay moves anything.
+    optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in variables])
+    shrink = 1 - 0.1 * config.weight_decay
+    for variable, old in zip(variables, before):
+        expected = old * shrink if len(variable.shape) >= 2 else old  # kernels; not biases, gamma, beta
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), expected, rtol=1e-6, err_msg=variable.path)
+    assert sum(len(v.shape) >= 2 for v in variables) == 9  # 8 convolutions and the output layer
+
+
 def test_unknown_baseline_is_rejected(tmp_path, capsys):
     argv = ["--model", "resnet50", "--out", str(tmp_path)]
     assert cli.run(baselines.main, baselines.__doc__, cli.constants(vars(baselines)), argv) == 2
