@@ -23,6 +23,7 @@ COLUMNS = (
     ("strategy", "strategy"),
     ("image_size", "image size"),
     ("epochs_run", "epochs"),
+    ("lr_schedule", "LR schedule"),
     ("trainable_parameters", "trainable params"),
     ("total_parameters", "total params"),
     ("test_accuracy", "test accuracy"),
@@ -52,6 +53,8 @@ def collect(out_dir):
             "strategy": metrics.get("strategy", ""),
             "image_size": metrics.get("hyperparameters", {}).get("IMAGE_SIZE", ""),
             "epochs_run": metrics.get("epochs_run", ""),
+            # Runs from before LR_SCHEDULE existed all reduced the rate on plateaus.
+            "lr_schedule": metrics.get("hyperparameters", {}).get("LR_SCHEDULE", "plateau"),
             "trainable_parameters": model.get("trainable_parameters", ""),
             "total_parameters": model.get("total_parameters", ""),
             "test_accuracy": metrics.get("test_accuracy"),

@@ -177,6 +177,7 @@ def test_compare_gathers_every_complete_run(out_dir, capsys):
     accuracies = [float(row["test_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
     assert {row["api"] for row in rows} == {"subclassing", "functional", "sequential"}
+    assert {row["lr_schedule"] for row in rows} == {"plateau", "cosine"}  # fine-tuning with --augment ran cosine
     assert "| script | run | API |" in table and (out_dir / "comparison.md").read_text() in table
 
 
