@@ -44,7 +44,7 @@ def standard_callbacks(run, config, phase=None, monitor="val_loss", epochs=None,
 def learning_rate_callback(config, monitor, epochs, initial_learning_rate):
     """How the learning rate falls during a phase, by `config.lr_schedule` (see cli.CHOICES):
 
-    - "plateau": ReduceLROnPlateau divides it by `reduce_lr_factor` after `reduce_lr_patience`
+    - "plateau": ReduceLROnPlateau multiplies it by `reduce_lr_factor` after `reduce_lr_patience`
       epochs without a better validation figure;
     - "cosine": it falls every epoch along half a cosine, from the compiled rate towards 0 at
       the end of the phase's `epochs`, whatever the validation figures do. Steadier than
