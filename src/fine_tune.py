@@ -26,7 +26,6 @@ from vgg_transfer import cli, features, model as models, reporting, runs, traini
 import keras
 from keras import layers
 
-
 # Hyperparameters: edit here, or override with the flag of the same name.
 EPOCHS = 8  # phase 1: the head on the frozen base
 FINE_TUNE_EPOCHS = 10  # phase 2: the unfrozen top of the base and the head

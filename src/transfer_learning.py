@@ -23,7 +23,6 @@ from vgg_transfer import cli, features, model as models, reporting, runs, traini
 import keras
 from keras import layers
 
-
 # Hyperparameters: edit here, or override with the flag of the same name (--epochs 5).
 # The short schedule keeps a rerun well under a minute on a 2-core CPU; --epochs 40
 # --early-stopping-patience 4 measured 81.1% instead of 79.7%, for 72 s of head training

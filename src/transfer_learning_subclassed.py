@@ -18,7 +18,6 @@ from vgg_transfer import cli, features, model as models, reporting, runs, traini
 import keras
 from keras import layers
 
-
 EPOCHS = 8
 BATCH_SIZE = 512
 LEARNING_RATE = 1e-3

@@ -6,6 +6,7 @@ BGR, minus the ImageNet channel means) itself, so a saved model predicts on raw 
 """
 
 import hashlib
+import json
 from pathlib import Path
 
 import keras
@@ -333,8 +334,6 @@ MODEL_FILE_NAME = "model.keras"
 def saved_run_metrics(model_path):
     """The metrics.json of the run a saved model belongs to (a run folder, or a .keras file
     in one), or {} when there is none."""
-    import json
-
     path = Path(model_path)
     metrics_file = (path if path.is_dir() else path.parent) / "metrics.json"
     return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}

@@ -19,6 +19,7 @@ from sklearn import metrics as sk_metrics  # noqa: E402
 from vgg_transfer import model as models  # noqa: E402
 from vgg_transfer import distribute, runs  # noqa: E402
 
+
 def predict_test_set(classifier, dataset, batch_size, verbose=0):
     """Class probabilities (N_test, num_classes) for the test images, in their stored order."""
     return distribute.predict(classifier, dataset.x_test, batch_size, verbose).astype(np.float64)
