@@ -75,11 +75,18 @@ def test_main_script_bad_input_exits_2_with_one_line_and_leaves_earlier_runs(tmp
     (earlier / "metrics.json").write_text("{}")
     blocked_out = tmp_path / "a-file"
     blocked_out.write_text("")
+    bad_archive = tmp_path / "images.tar.gz"
+    bad_archive.write_bytes(b"not a tarball")
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
     cases = [
         (["--epochs", "0"], tmp_path / "out", "--epochs 0"),
         (["--data", str(tmp_path / "nowhere")], tmp_path / "out", "no such file"),
         (["--weights", str(tmp_path / "none.h5")], tmp_path / "out", "no such file"),
         (["--feature-layer", "block9_pool"], tmp_path / "out", "not a VGG16 layer"),
+        # The weights are checked before the data loads: this archive is not readable either.
+        (["--weights", str(corrupt), "--data", str(bad_archive)], tmp_path / "out",
+         "is not a Keras VGG16 notop weights file"),
         ([], blocked_out / "sub", "cannot write to the output folder"),
     ]
     for args, out_dir, message in cases:

@@ -110,8 +110,13 @@ def test_image_tree_of_mixed_formats_and_sizes_becomes_one_rgb_array(tmp_path):
     assert dataset.x_train.shape[1:] == (32, 32, 3) and dataset.x_train.dtype == np.uint8
     assert len(dataset.y_train) == 9 and len(dataset.y_val) == 3 and len(dataset.y_test) == 12
     assert sorted(np.bincount(dataset.y_test)) == [4, 4, 4]
-    # 16-bit grey is scaled to 8 bits, not clipped to white.
-    assert dataset.x_train.mean() < 250
+    # The test set keeps the files' order: test/frog/0003.png, the last, is the 16-bit grey one,
+    # scaled to 8 bits (65535 -> 255), not clipped to white.
+    with Image.open(root / "test" / "frog" / "0003.png") as sixteen_bit:
+        assert sixteen_bit.mode.startswith("I")
+        grey = np.asarray(sixteen_bit, dtype=np.float64) / 257
+    assert grey.max() > 200 and grey.min() < 50
+    np.testing.assert_array_equal(dataset.x_test[-1], np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, -1))
 
 
 def test_image_tree_in_an_archive_with_a_top_folder(tmp_path):
@@ -125,11 +130,14 @@ def test_image_tree_in_an_archive_with_a_top_folder(tmp_path):
     np.testing.assert_array_equal(from_archive.y_train, from_folder.y_train)
 
 
-def test_validation_folder_is_used_when_present(tmp_path):
-    root = write_image_tree(tmp_path / "tree", splits=("train", "validation", "test"), per_class=3)
+@pytest.mark.parametrize("folder_name", ["validation", "val"])
+def test_validation_folder_is_used_when_present(tmp_path, folder_name):
+    root = write_image_tree(tmp_path / "tree", splits=("train", folder_name, "test"), per_class=3)
     dataset = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
     assert len(dataset.y_train) == 9 and len(dataset.y_val) == 9
     assert "validation folder" in dataset.validation_source
+    with Image.open(root / folder_name / "cat" / "0000.png") as first:  # in file order: cat's first file
+        np.testing.assert_array_equal(dataset.x_val[0], np.asarray(first.convert("RGB")))
 
 
 def test_unreadable_and_non_image_files_are_skipped_with_a_count(tmp_path):
@@ -153,6 +161,17 @@ def test_decoded_images_are_cached(tmp_path, monkeypatch):
     second = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
     np.testing.assert_array_equal(first.x_train, second.x_train)
     assert first.class_names == second.class_names
+
+
+def test_a_changed_image_file_is_decoded_again(tmp_path):
+    root = write_image_tree(tmp_path / "tree", per_class=3)
+    first = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "test" / "cat" / "0000.png")  # the first test image
+    second = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
+    assert not np.array_equal(first.x_test[0], second.x_test[0])
+    np.testing.assert_array_equal(second.x_test[0], np.full((32, 32, 3), (1, 2, 3), np.uint8))
+    np.testing.assert_array_equal(first.x_test[1:], second.x_test[1:])
+    assert len(list((tmp_path / "cache").glob("decoded-*.npz"))) == 2
 
 
 def test_a_corrupt_cache_is_rebuilt(tmp_path):

@@ -144,8 +144,11 @@ def test_a_model_saved_on_the_torch_backend_loads_on_this_one(tmp_path):
                 assert _as_saved_on_torch(config) == 2  # the head's Adam and the model's AdamW
                 content = json.dumps(config).encode()
             target.writestr(item, content)
-    with pytest.raises(Exception, match="torch"):
-        keras.saving.load_model(as_if_torch)
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:  # plain Keras then cannot import those classes
+        with pytest.raises(Exception, match="torch"):
+            keras.saving.load_model(as_if_torch)
     loaded, _, side = models.load_saved_classifier(as_if_torch)
     images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     assert side == 4
@@ -164,3 +167,100 @@ def _as_saved_on_torch(config):
         config["registered_name"] = config["class_name"]
         return 1
     return sum(_as_saved_on_torch(value) for value in config.values())
+
+
+def test_flip_and_shift_moves_each_image_within_its_bound_with_reflected_edges():
+    layer = models.RandomFlipAndShift(max_shift=4, seed=0)
+    height, width = 12, 10
+    images = np.stack([np.arange(height * width * 3, dtype="float32").reshape(height, width, 3) + 1000 * i
+                       for i in range(32)])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)  # inference
+    shifted = keras.ops.convert_to_numpy(layer(images, training=True))
+    seen = set()
+    for image, output in zip(images, shifted):
+        padded = np.pad(image, [(4, 4), (4, 4), (0, 0)], mode="reflect")
+        matches = [(row, column, flip)
+                   for row in range(9) for column in range(9) for flip in (False, True)
+                   if np.array_equal(output, (lambda w: w[:, ::-1] if flip else w)(
+                       padded[row:row + height, column:column + width]))]
+        assert matches, "not a flipped or shifted copy of its input within 4 pixels"
+        seen.add(matches[0])
+    assert len(seen) > 10 and {flip for _, _, flip in seen} == {False, True}  # the draws vary
+
+
+def test_feature_cache_is_rebuilt_when_the_cut_the_image_size_or_the_precision_changes(tmp_path):
+    from vgg_transfer import features
+
+    images = {"train": np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)}
+
+    def extract(output_layer="block4_pool", image_size=32):
+        keras.utils.set_random_seed(0)  # the same random weights every time
+        base = models.build_vgg16_base(RANDOM, image_size, output_layer=output_layer)
+        extractor = models.frozen_feature_extractor(base, (32, 32, 3), image_size)
+        return features.cached_features(extractor, images, batch_size=4, verbose=0, cache_dir=tmp_path)
+
+    first, from_cache = extract()
+    assert not from_cache and extract()[1]  # the same extractor again: read from the cache
+    for changed in ({"output_layer": "block3_pool"}, {"image_size": 64}):
+        again, from_cache = extract(**changed)
+        assert not from_cache, changed
+        assert again["train"].shape != first["train"].shape or not np.array_equal(again["train"], first["train"])
+    try:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        _, from_cache = extract()
+        assert not from_cache  # bfloat16 features are not the float32 ones
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert len(list(tmp_path.glob("features-*.npz"))) == 4
+
+
+def test_a_head_that_disagrees_with_the_whole_model_falls_back_to_whole_model_predictions(tmp_path):
+    from argparse import Namespace
+
+    from vgg_transfer import features, runs
+
+    rng = np.random.default_rng(0)
+    x_test = rng.integers(0, 256, (300, 4, 4, 3), dtype=np.uint8)
+    head = keras.Sequential([keras.Input((48,)), keras.layers.Dense(3, activation="softmax")])
+    inputs = keras.Input((4, 4, 3), dtype="uint8")
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    classifier = keras.Model(inputs, head(flat))
+    dataset = data.Dataset(x_test, np.zeros(300, np.int64), x_test, np.zeros(300, np.int64), x_test,
+                           np.zeros(300, np.int64), ("a", "b", "c"), "test", "test")
+    config = Namespace(batch_size=64, mixed_precision=False)
+    run = runs.Run(tmp_path, "toy")
+    right = (x_test.reshape(300, -1) / 255).astype("float32")
+    expected = classifier.predict(x_test, verbose=0)
+    agreeing = features.whole_model_test_probabilities(classifier, head, right, dataset, run, config)
+    np.testing.assert_allclose(agreeing, expected, atol=1e-5)
+    wrong = right[::-1].copy()  # features of other images: the head's predictions are not the model's
+    with pytest.warns(UserWarning, match="differs from the whole model"):
+        fallback = features.whole_model_test_probabilities(classifier, head, wrong, dataset, run, config)
+    np.testing.assert_allclose(fallback, expected, atol=1e-6)
+
+
+def test_benchmark_measures_a_tiny_size(tmp_path):
+    import json
+
+    import benchmark
+    from vgg_transfer import cli
+
+    argv = ["--image-sizes", "32", "--batch-size", "4", "--min-seconds", "0.2", "--matmul-size", "256",
+            "--out", str(tmp_path)]
+    assert cli.run(benchmark.main, benchmark.__doc__, cli.constants(vars(benchmark)), argv) == 0
+    (report,) = (tmp_path / "benchmark").glob("benchmark-*.json")
+    result = json.loads(report.read_text())
+    (row,) = result["results"]
+    peak = result["matmul"]["tflops"] * 1e12
+    # VGG16's 13 convolutions at 32 px: (side, input channels, output channels), 2 FLOPs a multiply-add.
+    convolutions = [(32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256), *[(8, 256, 256)] * 2,
+                    (4, 256, 512), *[(4, 512, 512)] * 2, *[(2, 512, 512)] * 3]
+    forward = sum(2 * side * side * 9 * c_in * c_out for side, c_in, c_out in convolutions)
+    assert row["image_size"] == 32 and row["forward_gflops_per_image"] * 1e9 == pytest.approx(forward, rel=1e-9)
+    for kind, flops_per_image in (("inference", 1), ("training", 3)):
+        figures = row[kind]
+        assert figures["images_per_second"] > 0 and peak > 0
+        achieved = figures["images_per_second"] * flops_per_image * row["forward_gflops_per_image"] * 1e9
+        assert figures["tflops"] * 1e12 == pytest.approx(achieved, rel=1e-6)
+        assert figures["fraction_of_peak"] == pytest.approx(achieved / peak, rel=1e-6)
+        assert 0 < figures["fraction_of_peak"] < 2  # no device runs VGG16 far above its matrix-product peak

@@ -44,8 +44,28 @@ def _assert_reloads_with_the_same_predictions(run_dir, dataset):
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("script-runs")
+def subclassed_run(shared_data, tmp_path_factory):
+    return _run(transfer_learning_subclassed, tmp_path_factory.mktemp("subclassed"), shared_data,
+                "--epochs", "6", "--batch-size", "32")
+
+
+@pytest.fixture(scope="module")
+def sequential_runs(shared_data, tmp_path_factory):
+    """{policy flag: run folder} for both freezing policies."""
+    return {policy: _run(transfer_learning_sequential, tmp_path_factory.mktemp("sequential"), shared_data,
+                         "--epochs", "1", policy) for policy in ("--no-train-base", "--train-base")}
+
+
+# Quick two-phase runs: --no-augment on the plateau schedule, --augment on the cosine one.
+FINE_TUNE_QUICK = ["--epochs", "2", "--fine-tune-epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def fine_tune_runs(shared_data, tmp_path_factory):
+    """{augmentation flag: run folder}; with --augment on the cosine schedule (each phase on its own curve)."""
+    return {augment: _run(fine_tune, tmp_path_factory.mktemp("fine-tune"), shared_data, *FINE_TUNE_QUICK, augment,
+                          *(["--lr-schedule", "cosine"] if augment == "--augment" else []))
+            for augment in ("--no-augment", "--augment")}
 
 
 def _trainable_base_layers(model):
@@ -82,8 +102,8 @@ def test_split_base_computes_the_same_as_the_whole_base():
                                base.predict(images, verbose=0), rtol=1e-4, atol=1e-4)
 
 
-def test_subclassed_model_runs_end_to_end_and_reloads(out_dir, shared_data):
-    run_dir = _run(transfer_learning_subclassed, out_dir, shared_data, "--epochs", "2")
+def test_subclassed_model_runs_end_to_end_and_reloads(subclassed_run, shared_data):
+    run_dir = subclassed_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["api"] == "subclassing" and metrics["test_accuracy"] > 0.2  # chance is 0.1
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(transfer_learning_subclassed, shared_data))
@@ -91,16 +111,14 @@ def test_subclassed_model_runs_end_to_end_and_reloads(out_dir, shared_data):
 
 
 @pytest.mark.parametrize("policy", ["--no-train-base", "--train-base"])
-def test_sequential_model_with_the_convolutional_head_under_both_policies(out_dir, shared_data, policy, tmp_path):
-    run_dir = _run(transfer_learning_sequential, tmp_path, shared_data, "--epochs", "1", policy)
+def test_sequential_model_with_the_convolutional_head_under_both_policies(sequential_runs, shared_data, policy):
+    run_dir = sequential_runs[policy]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["api"] == "sequential" and metrics["hyperparameters"]["IMAGE_SIZE"] == 64
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(transfer_learning_sequential, shared_data))
     assert isinstance(model, keras.Sequential)
     block_4_and_below = [f"block{block}_conv{conv}" for block in (1, 2, 3, 4) for conv in (1, 2, 3) if block > 2 or conv < 3]
     assert _trainable_base_layers(model) == (sorted(block_4_and_below) if policy == "--train-base" else [])
-    (out_dir / "transfer_learning_sequential").mkdir(exist_ok=True)
-    run_dir.rename(out_dir / "transfer_learning_sequential" / f"{run_dir.name}{policy}")
 
 
 def test_sequential_head_without_spatial_room_is_rejected_before_training(shared_data, tmp_path, capsys):
@@ -113,25 +131,87 @@ def test_sequential_head_without_spatial_room_is_rejected_before_training(shared
 
 
 @pytest.mark.parametrize("augment", ["--no-augment", "--augment"])
-def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(out_dir, shared_data, augment, tmp_path):
-    schedule = ["--lr-schedule", "cosine"] if augment == "--augment" else []  # each phase on its own curve
-    run_dir = _run(fine_tune, tmp_path, shared_data, "--epochs", "2", "--fine-tune-epochs", "2", augment, *schedule)
+def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(fine_tune_runs, shared_data, augment):
+    run_dir = fine_tune_runs[augment]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    with open(run_dir / "history.csv") as file:
-        history = list(csv.DictReader(file))
+    history = _history(run_dir)
     phase_1 = history[: metrics["phase_1_epochs"]]
     assert len(history) == metrics["epochs_run"] > metrics["phase_1_epochs"]
     # Phase 2 begins where phase 1's best epoch left off (augmentation is off in evaluation).
     best_phase_1 = min(float(row["val_loss"]) for row in phase_1)
     assert metrics["phase_2_start_val_loss"] == pytest.approx(best_phase_1, rel=1e-3)
     assert metrics["phase_2_cached_lower_activations"] is (augment == "--no-augment")
-    if schedule:  # epoch 1 of each phase at its compiled rate, epoch 2 at half of it
+    if augment == "--augment":  # cosine: epoch 1 of each phase at its compiled rate, epoch 2 at half of it
         np.testing.assert_allclose([float(row["learning_rate"]) for row in history], [1e-3, 5e-4, 1e-5, 5e-6])
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(fine_tune, shared_data))
     assert _trainable_base_layers(model) == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert (run_dir / "checkpoints" / "best_phase_2.keras").is_file()
-    (out_dir / "fine_tune").mkdir(exist_ok=True)
-    run_dir.rename(out_dir / "fine_tune" / f"{run_dir.name}{augment}")  # for the comparison test
+    # Phase 2 trained block 5 and left every layer below it as ImageNet had it.
+    imagenet = _imagenet_weights(shared_data[1])
+    saved = {weight.path: keras.ops.convert_to_numpy(weight) for weight in model.weights
+             if weight.path.startswith("block")}
+    assert len(saved) == 26
+    for path, value in saved.items():
+        layer, kind = path.split("/")
+        if layer.startswith("block5"):
+            assert not np.allclose(value, imagenet[layer][kind]), path
+        else:
+            np.testing.assert_array_equal(value, imagenet[layer][kind], err_msg=path)
+
+
+def _history(run_dir):
+    with open(run_dir / "history.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def _imagenet_weights(path):
+    """{layer: {"kernel": ..., "bias": ...}} from a Keras VGG16 notop file (legacy HDF5 layout)."""
+    import h5py
+
+    with h5py.File(path) as file:
+        return {name.decode(): {kind: file[name][f"{name.decode()}/{kind}:0"][()] for kind in ("kernel", "bias")}
+                for name in file.attrs["layer_names"] if b"conv" in name}
+
+
+class _CtrlCAfter(keras.callbacks.Callback):
+    """Ctrl-C at the end of the run's EPOCH-th epoch, counted over both phases (in process)."""
+
+    completed = 0
+
+    def __init__(self, spec):
+        super().__init__()
+        self.epoch = int(spec.split(":")[0])
+
+    def on_epoch_end(self, epoch, logs=None):
+        _CtrlCAfter.completed += 1
+        if _CtrlCAfter.completed == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_a_completed_phase_is_not_trained_again_after_an_interruption(fine_tune_runs, shared_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    from vgg_transfer import training
+
+    augment = "--no-augment"
+    uninterrupted = fine_tune_runs[augment]
+    archive, weights = shared_data
+    argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), *QUICK, *FINE_TUNE_QUICK,
+            augment]
+    monkeypatch.setattr(training, "_SimulatedInterruption", _CtrlCAfter)
+    monkeypatch.setenv(training.SIMULATED_INTERRUPTION, "3:SIGINT")  # phase 2's first epoch
+    assert cli.run(fine_tune.main, fine_tune.__doc__, cli.constants(vars(fine_tune)), argv) == 130
+    monkeypatch.delenv(training.SIMULATED_INTERRUPTION)
+    capsys.readouterr()
+    fits = []
+    original_fit = keras.Model.fit
+    monkeypatch.setattr(keras.Model, "fit", lambda self, *a, **k: fits.append(self.name) or original_fit(self, *a, **k))
+    assert cli.run(fine_tune.main, fine_tune.__doc__, cli.constants(vars(fine_tune)), argv) == 0
+    assert "Training: completed before the interruption" in capsys.readouterr().out
+    assert len(fits) == 1 and fits[0] != "head"  # phase 2 only
+    (run_dir,) = [p for p in (tmp_path / "fine_tune").iterdir() if not p.name.startswith(".")]
+    resumed, reference = _history(run_dir), _history(uninterrupted)
+    assert len(resumed) == len(reference) == 4
+    assert resumed[:3] == reference[:3]  # phase 1 and phase 2's first epoch, before the interruption
 
 
 @pytest.mark.parametrize("network, convolutions", [("small_cnn", 6), ("vgg11_bn", 8), ("vgg16_bn", 13)])
@@ -142,6 +222,11 @@ def test_baselines_train_from_scratch_and_reload(shared_data, network, convoluti
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(baselines, shared_data))
     assert sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers) == convolutions
     assert all(weight.trainable for weight in model.trainable_weights) and len(model.trainable_weights) > 0
+    # Everything learns but the batch-normalisation statistics, which are averaged, not trained.
+    normalisations = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(normalisations) == convolutions + (network == "small_cnn")  # the small CNN's dense layer too
+    statistics = {weight.path for layer in normalisations for weight in (layer.moving_mean, layer.moving_variance)}
+    assert {weight.path for weight in model.non_trainable_weights} == statistics
 
 
 def test_baselines_decay_the_kernels_only():
@@ -165,23 +250,40 @@ def test_unknown_baseline_is_rejected(tmp_path, capsys):
     assert "not a baseline" in capsys.readouterr().err
 
 
-def test_compare_gathers_every_complete_run(out_dir, capsys):
-    (out_dir / "fine_tune" / ".20990101-000000.partial").mkdir(parents=True, exist_ok=True)
-    runs = sorted(p for p in out_dir.glob("*/*/metrics.json") if not p.parent.name.startswith("."))
-    assert len(runs) >= 3
+@pytest.fixture(scope="module")
+def runs_of_every_api(subclassed_run, sequential_runs, fine_tune_runs, tmp_path_factory):
+    """A fresh out/ with this module's quick runs of each API: the subclassed job, the
+    Sequential job (frozen base) and the functional fine-tuning on both schedules."""
+    import shutil
+
+    out_dir = tmp_path_factory.mktemp("every-api")
+    sources = [subclassed_run, sequential_runs["--no-train-base"], *fine_tune_runs.values()]
+    for index, run_dir in enumerate(sources):
+        shutil.copytree(run_dir, out_dir / run_dir.parent.name / f"{run_dir.name}-{index}")
+    return out_dir
+
+
+def test_compare_gathers_every_complete_run(runs_of_every_api, capsys):
+    out_dir = runs_of_every_api
+    (out_dir / "fine_tune" / ".20990101-000000.partial").mkdir(parents=True, exist_ok=True)  # left out
     assert compare.main(["--out", str(out_dir)]) == 0
     table = capsys.readouterr().out
     with open(out_dir / "comparison.csv") as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == len(runs)
+    assert len(rows) == 4
     accuracies = [float(row["test_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
+    for row in rows:  # each row is its own run's figures
+        metrics = json.loads((out_dir / row["script"] / row["run"] / "metrics.json").read_text())
+        assert float(row["test_accuracy"]) == metrics["test_accuracy"]
+        assert int(row["trainable_parameters"]) == metrics["model"]["trainable_parameters"]
     assert {row["api"] for row in rows} == {"subclassing", "functional", "sequential"}
-    assert {row["lr_schedule"] for row in rows} == {"plateau", "cosine"}  # fine-tuning with --augment ran cosine
+    assert {row["lr_schedule"] for row in rows} == {"plateau", "cosine"}
     assert "| script | run | API |" in table and (out_dir / "comparison.md").read_text() in table
 
 
-def test_gradcam_explains_the_saved_model_of_every_api(out_dir, shared_data):
+def test_gradcam_explains_the_saved_model_of_every_api(runs_of_every_api, shared_data):
+    out_dir = runs_of_every_api
     from vgg_transfer import gradcam
 
     images = _test_images(transfer_learning_subclassed, shared_data).x_test[:3]
@@ -189,19 +291,19 @@ def test_gradcam_explains_the_saved_model_of_every_api(out_dir, shared_data):
     for run_dir in sorted(p.parent for p in out_dir.glob("*/*/model.keras") if not p.parent.name.startswith(".")):
         model, _, _ = models.load_saved_classifier(run_dir)
         maps, probabilities = gradcam.heatmaps(model, images)
-        assert maps.shape == images.shape[:3] and np.isfinite(maps).all()
-        assert maps.min() >= 0 and maps.max() == pytest.approx(1.0)
-        assert all(heatmap.std() > 0.01 for heatmap in maps), run_dir  # not constant
+        # Correctness is checked against a reference in test_gradcam.py; here, every API's model:
+        assert maps.shape == images.shape[:3] and np.isfinite(maps).all() and maps.min() >= 0
+        assert set(np.round(maps.max(axis=(1, 2)), 6)) <= {0.0, 1.0}  # scaled to 1, or no evidence at all
         np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
         apis.add(json.loads((run_dir / "metrics.json").read_text())["api"])
     assert apis == {"subclassing", "functional", "sequential"}
 
 
-def test_gradcam_script_writes_a_picture_of_a_run(out_dir, shared_data, tmp_path):
+def test_gradcam_script_writes_a_picture_of_a_run(subclassed_run, shared_data, tmp_path):
     import gradcam as gradcam_script
     from PIL import Image
 
-    (run_dir,) = [p for p in (out_dir / "transfer_learning_subclassed").iterdir() if not p.name.startswith(".")]
+    run_dir = subclassed_run
     arguments = gradcam_script.parse_arguments(
         ["--model", str(run_dir), "--data", str(shared_data[0]), "--images-per-class", "1", "--out", str(tmp_path)]
     )

@@ -120,7 +120,7 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
         InputError: no data found, a path of no accepted form, an unreadable archive, or
             class folders that do not fit together.
     """
-    source_path, form = _locate(data_path)
+    source_path, form = locate(data_path)
     if source_path is None:
         decoded, source = _download_cifar10(), "CIFAR-10 (keras.datasets download)"
     else:
@@ -135,7 +135,7 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
 # Finding the data
 
 
-def _locate(data_path):
+def locate(data_path):
     """Returns (path, form) of the data to use, or (None, None) to download."""
     if data_path is not None:
         path = Path(data_path).expanduser()
@@ -407,7 +407,7 @@ def _storage_side(images):
 def original_image_sizes(data_path=None):
     """(width, height) of every image of image-folder data, read from the file headers;
     an empty list for the python-format CIFAR-10 (all 32x32) or a download."""
-    source_path, form = _locate(data_path)
+    source_path, form = locate(data_path)
     if source_path is None or form not in ("image-folders", "image-folders-archive"):
         return []
     members = _Members(source_path)

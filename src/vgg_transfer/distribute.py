@@ -65,6 +65,23 @@ def configure(config):
           f"{', '.join(description['devices'])}; {config.batch_size // replicas} images per device and batch")
 
 
+def variable_placement(model):
+    """Where the model's variables live, read from the backend: {"variables": N, "replicated_on":
+    the fewest devices any variable has a full copy on}, or None without --distribute. A check
+    that data parallelism really replicated the weights, recorded in metrics.json."""
+    if replicas == 1:
+        return None
+    copies = []
+    for variable in model.weights:
+        value = variable.value
+        if keras.config.backend() == "jax":
+            sharding = value.sharding
+            copies.append(len(sharding.device_set) if sharding.is_fully_replicated else 1)
+        else:  # TensorFlow: a MirroredVariable holds one value per replica
+            copies.append(len(getattr(value, "values", (value,))))
+    return {"variables": len(copies), "replicated_on": min(copies)}
+
+
 def whole_batches(dataset):
     """The dataset with as many training and validation images as split evenly over the
     devices (the rest, fewer than `replicas` per set, dropped); the test set stays whole."""

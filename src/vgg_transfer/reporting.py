@@ -78,8 +78,9 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
     _write_history(run.path / "history.csv", histories)
     run_title = f"{run.script_name}: {run.final_path.name}"
     plot_loss(run.path / "loss_plot.png", epochs, run_title, phase_starts)
+    counts, normalised = confusion_matrices(labels, predicted, len(names))
     plot_confusion_matrix(
-        run.path / "confusion_matrix.png", sk_metrics.confusion_matrix(labels, predicted, labels=label_ids), names,
+        run.path / "confusion_matrix.png", counts, normalised, names,
         f"{run_title}, test accuracy {float(np.mean(predicted == labels)):.2%}",
     )
     areas = plot_pr_and_roc_curves(run.path, probabilities, labels, names, run_title)
@@ -121,7 +122,8 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
         "data": dataset.summary(),
         "weights": weights.source,
         "model": {"name": classifier.name, "trainable_parameters": trainable, "total_parameters": total},
-        "environment": runs.environment(),
+        "environment": {**runs.environment(), "variable_placement": distribute.variable_placement(classifier)},
+        "confusion_matrix": {"counts": counts.tolist(), "normalised_by_true_class": normalised.tolist()},
         **(extra or {}),
     }
     (run.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -185,9 +187,15 @@ def plot_loss(path, epochs, title, phase_starts=()):
     plt.close(figure)
 
 
-def plot_confusion_matrix(path, matrix, class_names, title):
+def confusion_matrices(labels, predicted, num_classes):
+    """(counts, normalised): rows are true classes; a normalised row holds the share of that
+    class's test images given each prediction (all zeros for a class with no test image)."""
+    counts = sk_metrics.confusion_matrix(labels, predicted, labels=list(range(num_classes)))
+    return counts, counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def plot_confusion_matrix(path, matrix, normalised, class_names, title):
     """Counts (left) and rows normalised to recall (right); rows are true classes."""
-    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(5.0, 0.55 * len(class_names) + 2.5)
     figure, panels = plt.subplots(1, 2, figsize=(2 * size + 1, size))
     for axes, values, subtitle, fmt in (

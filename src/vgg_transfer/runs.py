@@ -202,7 +202,10 @@ def prepare(config, script_name):
         resolved `model.Weights`, and the `data.Dataset` (its loading timed as "data").
     """
     check_writable(config.out)
+    data.locate(config.data)  # a data path that is not there is named before any download
     weights = models.resolve_weights(config.weights)
+    if weights.keras_argument is not None:  # a bad weights file stops here, before the data loads
+        models.build_vgg16_base(weights, models.MIN_IMAGE_SIZE)
     set_precision(config.mixed_precision)
     distribute.configure(config)  # before any model is built
     global current_run

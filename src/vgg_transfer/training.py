@@ -182,18 +182,22 @@ def _plain(value):
 
 
 # For the interruption tests: "EPOCH:SIGNAL" (e.g. "2:SIGKILL") sends the signal to this
-# process at the end of that epoch, once the epoch's state is saved.
+# process at the end of its EPOCH-th epoch (counted over every phase, so "3:SIGINT" with a
+# 2-epoch phase 1 interrupts phase 2's first epoch), once the epoch's state is saved.
 SIMULATED_INTERRUPTION = "VGG_TRANSFER_INTERRUPT_AFTER_EPOCH"
 
 
 class _SimulatedInterruption(keras.callbacks.Callback):
+    epochs_completed = 0  # in this process, over every phase
+
     def __init__(self, spec):
         super().__init__()
         epoch, name = spec.split(":")
         self.epoch, self.signal = int(epoch), getattr(signal, name)
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epoch:
+        _SimulatedInterruption.epochs_completed += 1
+        if _SimulatedInterruption.epochs_completed == self.epoch:
             os.kill(os.getpid(), self.signal)
 
 
