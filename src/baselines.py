@@ -7,9 +7,9 @@ What transfer learning is measured against. MODEL picks the network:
 - "vgg11_bn", "vgg16_bn": VGG's convolution stacks with batch normalisation after every
   convolution, sized for 32x32 inputs (a reference reports 81.6% and 84.7%).
 
-No pretrained weights are used (`--weights` is ignored). Images go in raw (uint8); the
-model scales them to [-1, 1] itself, and augments them (random flips and translations)
-in training when AUGMENT is on.
+No pretrained weights are used (`--weights` is ignored). Images go in raw (uint8); the model
+scales them to [-1, 1] itself and, in training, augments them (random flips and translations)
+when AUGMENT is on; the saved model leaves the augmentation out.
 
     python src/baselines.py                       # the small CNN
     python src/baselines.py --model vgg16_bn      # slow without a GPU
@@ -18,28 +18,29 @@ in training when AUGMENT is on.
 import sys
 
 # The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, model as models, reporting, runs, training
+from vgg_transfer import cli, data, distribute, models, reporting, runs, training
 from vgg_transfer.errors import InputError
 
 import keras
 from keras import layers
 
-MODEL = "small_cnn"
-EPOCHS = 30
+# Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
+MODEL = "small_cnn"  # or "vgg11_bn", "vgg16_bn"
+EPOCHS = 30  # at most; early stopping may end training sooner
 BATCH_SIZE = 128
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 1e-3  # AdamW's
 # AdamW's decoupled decay shrinks each kernel by LEARNING_RATE * WEIGHT_DECAY a step: an
-# SGD-style 5e-4 would be 5e-7 a step here, next to nothing (see the README's figures).
+# SGD-style 5e-4 would be 5e-7 a step here, next to nothing (see docs/results.md).
 WEIGHT_DECAY = 0.05
-IMAGE_SIZE = 32
-VALIDATION_SPLIT = 0.1
+IMAGE_SIZE = 32  # the side the network sees; images are resized to it inside the model
+VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
 SEED = 42
-AUGMENT = True
+AUGMENT = True  # random flips and shifts of up to 4 pixels, in training only
 HEAD_DROPOUT = 0.5
-EARLY_STOPPING_PATIENCE = 6
-LR_SCHEDULE = "plateau"  # the two below; or "cosine" (see training.learning_rate_callback)
-REDUCE_LR_PATIENCE = 3
-REDUCE_LR_FACTOR = 0.2
+EARLY_STOPPING_PATIENCE = 6  # epochs without a lower validation loss before training stops
+LR_SCHEDULE = "plateau"  # "plateau": ReduceLROnPlateau; "cosine": a cosine decay over EPOCHS
+REDUCE_LR_PATIENCE = 3  # epochs without a lower validation loss before the rate is cut
+REDUCE_LR_FACTOR = 0.2  # what the rate is multiplied by then
 
 # Filters per convolution, "M" for 2x2 max pooling (Simonyan & Zisserman's configurations A and D).
 VGG_LAYOUTS = {
@@ -63,12 +64,10 @@ def convolution_stack(x, layout, dropout=0.25):
     return x
 
 
-def build_model(image_shape, num_classes, config):
-    """Raw uint8 images in, class probabilities out; MODEL chooses the network."""
-    inputs = models.image_input(image_shape)
-    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inputs)
-    if config.augment:
-        x = models.augmentation()(x)
+def build_network(image_shape, num_classes, config):
+    """Images scaled to [-1, 1] in, class probabilities out; MODEL chooses the network."""
+    inputs = keras.Input(shape=image_shape, name="scaled_images")
+    x = inputs
     if tuple(image_shape[:2]) != (config.image_size, config.image_size):
         x = layers.Resizing(config.image_size, config.image_size, name="resize")(x)
     if config.model == "small_cnn":
@@ -81,33 +80,62 @@ def build_model(image_shape, num_classes, config):
         x = convolution_stack(x, VGG_LAYOUTS[config.model])
         x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(config.head_dropout)(x)
-    outputs = models.class_probabilities(num_classes)(x)
-    return keras.Model(inputs, outputs, name=config.model)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="network")
 
 
-def decoupled_weight_decay(classifier, config):
+def decoupled_weight_decay(model, learning_rate, weight_decay):
     """AdamW that decays the kernels only: biases and batch-normalisation scales and offsets
     are left alone (as timm does), since shrinking them only limits what they can express."""
-    optimizer = keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
-    optimizer.exclude_from_weight_decay(var_list=[v for v in classifier.trainable_variables if len(v.shape) < 2])
+    optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
     return optimizer
 
 
 def main(config):
-    keras.utils.set_random_seed(config.seed)
     if config.model not in ("small_cnn", *VGG_LAYOUTS):
         raise InputError(f"--model {config.model!r} is not a baseline; use small_cnn, vgg11_bn or vgg16_bn")
-    config.weights = "none"  # trained from scratch, whatever --weights says
-    run, weights, dataset = runs.prepare(config, "baselines")
-    weights.source = "none (trained from scratch)"
-    classifier = build_model(dataset.image_shape, dataset.num_classes, config)
-    training.compile_classifier(classifier, optimizer=decoupled_weight_decay(classifier, config))
-    history = training.fit(classifier, dataset.x_train, dataset.y_train, (dataset.x_val, dataset.y_val), run, config)
-    reporting.finish_run(run, classifier, dataset, history, config, weights, extra={
+    keras.utils.set_random_seed(config.seed)
+    run = runs.Run(config.out, config.script_name, config.resume_key)
+    with run.timed("data"):
+        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+
+    # Raw uint8 images, scaled to [-1, 1]; augmented in training only; then the network.
+    network = build_network(dataset.image_shape, dataset.num_classes, config)
+    images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
+    scaled = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(images)
+    model = keras.Model(images, network(scaled), name=config.model)
+    augmented = models.augmentation()(scaled) if config.augment else scaled
+    trained = keras.Model(images, network(augmented), name=f"{config.model}_augmented")
+
+    trained.compile(optimizer=decoupled_weight_decay(trained, config.learning_rate, config.weight_decay),
+                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+                                      restore_best_weights=True, verbose=1),
+        keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / "best.keras", monitor="val_loss",
+                                        save_best_only=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
+                                          patience=config.reduce_lr_patience, verbose=1)
+        if config.lr_schedule == "plateau" else
+        keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
+    history = trained.fit(dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),
+                          epochs=config.epochs, batch_size=config.batch_size, callbacks=callbacks,
+                          verbose=config.verbose)
+
+    # The saved model: the same layers without the augmentation, compiled as it was trained.
+    model.compile(optimizer=decoupled_weight_decay(model, config.learning_rate, config.weight_decay),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    with run.timed("evaluation"):
+        test_predictions = distribute.predict(model, dataset.x_test, config.batch_size)
+    reporting.write_run(run, model, dataset, history, test_predictions, config.settings, notes={
         "api": "functional",
         "strategy": f"{config.model} from scratch" + (" with augmentation" if config.augment else ""),
     })
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, __doc__, cli.constants(globals())))
+    sys.exit(cli.run(main, globals()))

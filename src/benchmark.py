@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 # The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, distribute, model as models, runs
+from vgg_transfer import cli, distribute, models, runs
 from vgg_transfer.errors import InputError
 
 import keras
@@ -52,10 +52,11 @@ def parse_sizes(text):
 
 def build_model(image_size):
     """uint8 32x32 images -> VGG16 preprocessing and resizing -> VGG16 base -> pooled softmax head."""
-    base = models.build_vgg16_base(models.Weights(None, "random"), image_size, output_layer="block5_pool")
-    inputs = models.image_input(CIFAR10_IMAGE_SHAPE)
-    x = base(models.preprocess(inputs, image_size))
-    outputs = models.class_probabilities(10)(keras.layers.GlobalAveragePooling2D()(x))
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    inputs = keras.Input(shape=CIFAR10_IMAGE_SHAPE, dtype="uint8", name="image")
+    x = base(models.vgg16_preprocessing(CIFAR10_IMAGE_SHAPE, image_size)(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10, activation="softmax", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"vgg16_{image_size}px"), base
 
 
@@ -105,10 +106,7 @@ def matmul_peak(size, min_seconds):
 
 def main(config):
     sizes = parse_sizes(config.image_sizes)
-    runs.check_writable(config.out)
-    runs.set_precision(config.mixed_precision)
-    distribute.configure(config)  # --distribute: every batch split over all local devices
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)  # cli.run has set the precision and, with --distribute, the devices
     environment = runs.environment()
     print(f"Backend {environment['backend']}, device {environment['device']}, "
           f"{keras.config.dtype_policy().name}, batch size {config.batch_size}")
@@ -184,4 +182,4 @@ def markdown_table(rows, peak):
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, __doc__, cli.constants(globals())))
+    sys.exit(cli.run(main, globals()))

@@ -16,14 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vgg_transfer import cli, data, paths, runs  # noqa: E402
-from vgg_transfer.errors import InputError  # noqa: E402
+from vgg_transfer import cli, data, paths, runs
+from vgg_transfer.errors import InputError
 
 SAMPLES_PER_CLASS = 8
 VALIDATION_SPLIT = 0.1
@@ -44,7 +41,8 @@ def parse_arguments(argv=None):
 def plot_class_distribution(path, dataset, title):
     names = list(dataset.class_names)
     positions = np.arange(len(names))
-    figure, axes = plt.subplots(figsize=(max(7, 0.8 * len(names) + 2), 4.5))
+    figure = Figure(figsize=(max(7, 0.8 * len(names) + 2), 4.5))
+    axes = figure.subplots()
     width = 0.27
     for offset, (split, labels) in zip((-width, 0, width), (("training", dataset.y_train),
                                                            ("validation", dataset.y_val), ("test", dataset.y_test))):
@@ -59,13 +57,12 @@ def plot_class_distribution(path, dataset, title):
     axes.set_title(f"Images per class\n{title}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def plot_samples(path, dataset, per_class, title):
     names = list(dataset.class_names)
-    figure, grid = plt.subplots(len(names), per_class, figsize=(1.2 * per_class + 1.3, 1.25 * len(names) + 0.8),
-                                squeeze=False)
+    figure = Figure(figsize=(1.2 * per_class + 1.3, 1.25 * len(names) + 0.8))
+    grid = figure.subplots(len(names), per_class, squeeze=False)
     for row, name in enumerate(names):
         picks = np.flatnonzero(dataset.y_train == row)[:per_class]
         for column in range(per_class):
@@ -78,12 +75,12 @@ def plot_samples(path, dataset, per_class, title):
     figure.suptitle(f"Training images, {per_class} per class (rows)\n{title}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def plot_image_sizes(path, sizes, title):
     widths, heights = np.array(sizes).T
-    figure, (scatter, histogram) = plt.subplots(1, 2, figsize=(11, 4.5))
+    figure = Figure(figsize=(11, 4.5))
+    scatter, histogram = figure.subplots(1, 2)
     unique, counts = np.unique(np.stack([widths, heights], axis=1), axis=0, return_counts=True)
     scatter.scatter(unique[:, 0], unique[:, 1], s=20 + 200 * counts / counts.max(), alpha=0.6)
     for (width, height), count in zip(unique[np.argsort(-counts)][:5], np.sort(counts)[::-1][:5]):
@@ -101,7 +98,6 @@ def plot_image_sizes(path, sizes, title):
     figure.suptitle(f"Image sizes as stored, before conversion\n{title}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def main(arguments):

@@ -17,14 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vgg_transfer import cli, data, gradcam, model as models, paths, runs  # noqa: E402
-from vgg_transfer.errors import InputError  # noqa: E402
+from vgg_transfer import cli, data, gradcam, models, paths, runs
+from vgg_transfer.errors import InputError
 
 IMAGES_PER_CLASS = 2
 
@@ -68,7 +65,8 @@ def plot(path, images, maps, probabilities, class_names, captions, title, layer_
     columns = 4  # two (image, heatmap) pairs per row
     rows = int(np.ceil(len(images) / 2))
     height = 2.7 * rows + 0.8
-    figure, grid = plt.subplots(rows, columns, figsize=(2.3 * columns, height), squeeze=False)
+    figure = Figure(figsize=(2.3 * columns, height))
+    grid = figure.subplots(rows, columns, squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
     for index, (image, heatmap) in enumerate(zip(images, maps)):
@@ -83,7 +81,6 @@ def plot(path, images, maps, probabilities, class_names, captions, title, layer_
     figure.suptitle(f"Grad-CAM from {layer_name} (red: most evidence for the predicted class)\n{title}", fontsize=9)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.7 / height))  # room for the two-line title
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main(arguments):

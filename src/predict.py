@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vgg_transfer import cli, data, model as models
+from vgg_transfer import cli, data, models
 from vgg_transfer.errors import InputError
 
 TOP = 3

@@ -6,9 +6,9 @@ changes, its features are computed once and cached: the head trains in seconds, 
 skips the extraction, and the saved model is still the whole model (raw images in, class
 probabilities out), which is what the test figures are computed with.
 
-At CIFAR-10's 32x32 the base is cut after block 4 (FEATURE_LAYER): block 5 pools the
-image down to a single 1x1 cell, and its features classify CIFAR-10 worse than block 4's
-2x2x512 (see the README for the measured figures).
+At CIFAR-10's 32x32 the base is cut after block 4 (FEATURE_LAYER): block 5 pools the image
+down to a single 1x1 cell, and its features classify CIFAR-10 worse than block 4's 2x2x512
+(see docs/results.md).
 
     python src/transfer_learning.py                 # the full run, reports in out/
     python src/transfer_learning.py --subset 2000   # a quick look
@@ -18,71 +18,96 @@ image down to a single 1x1 cell, and its features classify CIFAR-10 worse than b
 import sys
 
 # The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, features, model as models, reporting, runs, training
+from vgg_transfer import cli, data, features, models, reporting, runs, training
 
 import keras
 from keras import layers
 
-# Hyperparameters: edit here, or override with the flag of the same name (--epochs 5).
-# The short schedule keeps a rerun well under a minute on a 2-core CPU; --epochs 40
-# --early-stopping-patience 4 measured 81.1% instead of 79.7%, for 72 s of head training
-# instead of 19 s (see the README).
-EPOCHS = 8
+# Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
+EPOCHS = 8  # at most; early stopping may end training sooner
 BATCH_SIZE = 512
-LEARNING_RATE = 1e-3
-IMAGE_SIZE = 32
-VALIDATION_SPLIT = 0.1
+LEARNING_RATE = 1e-3  # Adam's
+IMAGE_SIZE = 32  # the side VGG16 sees; images are resized to it inside the model
+VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
 SEED = 42
-FEATURE_LAYER = "block4_pool"
+FEATURE_LAYER = "block4_pool"  # where VGG16 is cut; at 32 px block 5 pools each image to 1x1
 HEAD_UNITS = 512
-INPUT_DROPOUT = 0.2
+INPUT_DROPOUT = 0.2  # dropout on the flattened features
 HEAD_DROPOUT = 0.5
-EARLY_STOPPING_PATIENCE = 3
-LR_SCHEDULE = "plateau"  # the two below; or "cosine" (see training.learning_rate_callback)
-REDUCE_LR_PATIENCE = 1
-REDUCE_LR_FACTOR = 0.2
+EARLY_STOPPING_PATIENCE = 3  # epochs without a lower validation loss before training stops
+LR_SCHEDULE = "plateau"  # "plateau": ReduceLROnPlateau; "cosine": a cosine decay over EPOCHS
+REDUCE_LR_PATIENCE = 1  # epochs without a lower validation loss before the rate is cut
+REDUCE_LR_FACTOR = 0.2  # what the rate is multiplied by then
 
 
-def build_head(feature_shape, num_classes, config):
-    """The custom head: VGG16 features (h, w, channels) in, class probabilities out."""
-    inputs = keras.Input(shape=feature_shape, name="vgg16_features")
+def main(config):
+    keras.utils.set_random_seed(config.seed)
+    run = runs.Run(config.out, config.script_name, config.resume_key)
+    with run.timed("data"):
+        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+
+    # VGG16 with its ImageNet weights, cut after FEATURE_LAYER and frozen.
+    vgg16 = keras.applications.VGG16(include_top=False, weights=config.weights,
+                                     input_shape=(config.image_size, config.image_size, 3))
+    base = keras.Model(vgg16.input, vgg16.get_layer(config.feature_layer).output, name="vgg16_base")
+    base.trainable = False
+
+    # Raw uint8 images in; VGG16's preprocessing and the resize inside; features out.
+    images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
+    x = models.vgg16_preprocessing(dataset.image_shape, config.image_size)(images)
+    vgg16_features = base(x, training=False)  # inference mode for the frozen base, even while the head trains
+    feature_extractor = keras.Model(images, vgg16_features, name="feature_extractor")
+
+    # The frozen base gives the same features every epoch: compute them once (cached on disk).
+    with run.timed("features"):
+        cached, from_cache = features.cached_features(
+            feature_extractor, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test},
+            config.batch_size, config.verbose)
+
+    # The custom head, trained on the features.
+    inputs = keras.Input(shape=vgg16_features.shape[1:], name="vgg16_features")
     x = layers.Flatten()(inputs)
     x = layers.Dropout(config.input_dropout)(x)
     x = layers.Dense(config.head_units, use_bias=False)(x)
     x = layers.BatchNormalization()(x)
     x = layers.Activation("relu")(x)
     x = layers.Dropout(config.head_dropout)(x)
-    outputs = models.class_probabilities(num_classes)(x)
-    return keras.Model(inputs, outputs, name="head")
+    # float32 even under mixed precision, so the probabilities and the loss keep full precision.
+    outputs = layers.Dense(dataset.num_classes, activation="softmax", dtype="float32")(x)
+    head = keras.Model(inputs, outputs, name="head")
 
+    head.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # Every callback watches the validation loss; the test set is used once, at the end.
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+                                      restore_best_weights=True, verbose=1),
+        keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / "best.keras", monitor="val_loss",
+                                        save_best_only=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
+                                          patience=config.reduce_lr_patience, verbose=1)
+        if config.lr_schedule == "plateau" else
+        keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
+    history = head.fit(cached["train"], dataset.y_train, validation_data=(cached["val"], dataset.y_val),
+                       epochs=config.epochs, batch_size=config.batch_size, callbacks=callbacks,
+                       verbose=config.verbose)
 
-def main(config):
-    keras.utils.set_random_seed(config.seed)
-    # Everything that can be wrong with the input is checked before the expensive part.
-    models.validate_layer_name(config.feature_layer, "--feature-layer")
-    run, weights, dataset = runs.prepare(config, "transfer_learning")
-    base = models.build_vgg16_base(weights, config.image_size, output_layer=config.feature_layer)
+    # The whole model: raw images -> preprocessing -> frozen VGG16 -> trained head. Compiled
+    # with the head's loss and metric, so the saved model evaluates as is.
+    model = keras.Model(images, head(vgg16_features), name="vgg16_frozen_functional")
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # Its test predictions are the head's on the cached test features (checked against the
+    # whole model on a sample), so a rerun does not push 10,000 images through VGG16 again.
+    with run.timed("evaluation"):
+        test_predictions = features.predict_with_cached_features(model, head, cached["test"], dataset.x_test,
+                                                                 config.batch_size)
+    reporting.write_run(run, model, dataset, history, test_predictions, config.settings,
+                        notes={"api": "functional", "strategy": "frozen", "features_from_cache": from_cache})
 
-    # Frozen base: its features are computed once (or read from the cache), and the head
-    # trains on them, with validation figures driving every callback.
-    feature_extractor = models.frozen_feature_extractor(base, dataset.image_shape, config.image_size)
-    head = build_head(feature_extractor.output.shape[1:], dataset.num_classes, config)
-    training.compile_classifier(head, config.learning_rate)
-    history, cached = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
-
-    # The whole model: raw uint8 images -> preprocessing -> frozen VGG16 -> trained head.
-    classifier = keras.Model(
-        feature_extractor.input, head(feature_extractor.output), name="vgg16_frozen_functional"
-    )
-    # Compiled with the head's loss and metric, so the saved model's evaluate() works as is.
-    training.compile_classifier(classifier, config.learning_rate)
-    # Its test predictions: the head on the cached test features, checked against the whole
-    # model on a sample, so a rerun does not push 10,000 images through VGG16 again.
-    test_probabilities = features.whole_model_test_probabilities(
-        classifier, head, cached["test"], dataset, run, config
-    )
-    reporting.finish_run(run, classifier, dataset, history, config, weights, test_probabilities=test_probabilities,
-                         extra={"features_from_cache": cached["from_cache"], "api": "functional", "strategy": "frozen"})
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, __doc__, cli.constants(globals())))
+    sys.exit(cli.run(main, globals()))

@@ -1,16 +1,16 @@
 """Transfer learning on CIFAR-10 with an ImageNet VGG16 and a convolutional head (Sequential API).
 
-The whole model is one `keras.Sequential`: raw uint8 images, VGG16's preprocessing, the
-resize to IMAGE_SIZE, the VGG16 base, and a convolutional head in the style of the
-reference project (two Conv2D-BN pairs, pooling and dropout, twice; then Dense 512).
+The whole model is one `keras.Sequential`: VGG16's preprocessing and the resize to IMAGE_SIZE
+(raw uint8 images in), the VGG16 base, and a convolutional head in the style of the reference
+project (two Conv2D-BN pairs, pooling and dropout, twice; then Dense 512).
 
-The head's two poolings need a base output of at least 4x4. The adjustment: the base is
-cut after block 4 (FEATURE_LAYER) and images are upscaled to 64 px inside the model, which
-gives 4x4x512; the full base would need 128 px for the same room, four times the compute.
+The head's two poolings need a base output of at least 4x4. The adjustment: the base is cut
+after block 4 (FEATURE_LAYER) and images are upscaled to 64 px inside the model, which gives
+4x4x512; the full base would need 128 px for the same room, four times the compute.
 
-TRAIN_BASE chooses between the two policies the reference compares: False (default)
-freezes the base and trains the head on cached features; True trains base and head
-together on images, with augmentation, at LEARNING_RATE (slow without a GPU).
+TRAIN_BASE chooses between the two policies the reference compares: False (default) freezes
+the base and trains the head on cached features; True trains base and head together on
+augmented images, at LEARNING_RATE (slow without a GPU).
 
     python src/transfer_learning_sequential.py
     python src/transfer_learning_sequential.py --train-base
@@ -19,33 +19,51 @@ together on images, with augmentation, at LEARNING_RATE (slow without a GPU).
 import sys
 
 # The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, features, model as models, reporting, runs, training
+from vgg_transfer import cli, data, distribute, features, models, reporting, runs, training
 from vgg_transfer.errors import InputError
 
 import keras
 from keras import layers
 
-EPOCHS = 10
+# Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
+EPOCHS = 10  # at most; early stopping may end training sooner
 BATCH_SIZE = 256
-LEARNING_RATE = 1e-3
-IMAGE_SIZE = 64
-VALIDATION_SPLIT = 0.1
+LEARNING_RATE = 1e-3  # Adam's
+IMAGE_SIZE = 64  # the side VGG16 sees; 64 px leaves block 4 a 4x4 output for the head's poolings
+VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
 SEED = 42
-FEATURE_LAYER = "block4_pool"
-TRAIN_BASE = False
+FEATURE_LAYER = "block4_pool"  # where VGG16 is cut
+TRAIN_BASE = False  # False: frozen base, cached features; True: base and head trained together
 HEAD_UNITS = 512
 CONV_DROPOUT = 0.25
 HEAD_DROPOUT = 0.5
-EARLY_STOPPING_PATIENCE = 3
-LR_SCHEDULE = "plateau"  # the two below; or "cosine" (see training.learning_rate_callback)
-REDUCE_LR_PATIENCE = 1
-REDUCE_LR_FACTOR = 0.2
+EARLY_STOPPING_PATIENCE = 3  # epochs without a lower validation loss before training stops
+LR_SCHEDULE = "plateau"  # "plateau": ReduceLROnPlateau; "cosine": a cosine decay over EPOCHS
+REDUCE_LR_PATIENCE = 1  # epochs without a lower validation loss before the rate is cut
+REDUCE_LR_FACTOR = 0.2  # what the rate is multiplied by then
 
 
-def build_head(feature_shape, num_classes, config):
-    """The reference's convolutional head, as a Sequential model on the base's features."""
-    return keras.Sequential([
-        keras.Input(shape=feature_shape, name="vgg16_features"),
+def main(config):
+    keras.utils.set_random_seed(config.seed)
+    run = runs.Run(config.out, config.script_name, config.resume_key)
+    with run.timed("data"):
+        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+
+    # VGG16 with its ImageNet weights, cut after FEATURE_LAYER; frozen unless TRAIN_BASE.
+    vgg16 = keras.applications.VGG16(include_top=False, weights=config.weights,
+                                     input_shape=(config.image_size, config.image_size, 3))
+    base = keras.Model(vgg16.input, vgg16.get_layer(config.feature_layer).output, name="vgg16_base")
+    if min(base.output.shape[1:3]) < 4:
+        raise InputError(
+            f"the convolutional head needs a base output of at least 4x4, and {config.feature_layer} at "
+            f"--image-size {config.image_size} gives {base.output.shape[1]}x{base.output.shape[2]}; "
+            f"raise --image-size or cut the base earlier with --feature-layer"
+        )
+    base.trainable = config.train_base
+
+    # The reference's convolutional head, on the base's features.
+    head = keras.Sequential([
+        keras.Input(shape=base.output.shape[1:], name="vgg16_features"),
         layers.Conv2D(32, 3, padding="same", activation="relu"),
         layers.BatchNormalization(),
         layers.Conv2D(32, 3, padding="same", activation="relu"),
@@ -62,56 +80,55 @@ def build_head(feature_shape, num_classes, config):
         layers.Dense(config.head_units, activation="relu"),
         layers.BatchNormalization(),
         layers.Dropout(config.head_dropout),
-        models.class_probabilities(num_classes),
+        layers.Dense(dataset.num_classes, activation="softmax", dtype="float32"),
     ], name="head")
+    preprocessing = models.vgg16_preprocessing(dataset.image_shape, config.image_size)
+    model = keras.Sequential([preprocessing, base, head], name="vgg16_sequential")
 
+    if config.train_base:  # base and head learn together, on augmented images
+        augmented = models.vgg16_preprocessing(dataset.image_shape, config.image_size, augment=True)
+        trained = keras.Sequential([augmented, base, head], name="vgg16_sequential_augmented")
+        x_train, x_val = dataset.x_train, dataset.x_val
+    else:  # frozen base: the head learns on its features, the same every epoch, so computed once
+        trained = head
+        with run.timed("features"):
+            cached, _ = features.cached_features(
+                keras.Sequential([preprocessing, base]),
+                {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test},
+                config.batch_size, config.verbose)
+        x_train, x_val = cached["train"], cached["val"]
 
-def main(config):
-    keras.utils.set_random_seed(config.seed)
-    models.validate_layer_name(config.feature_layer, "--feature-layer")
-    run, weights, dataset = runs.prepare(config, "transfer_learning_sequential")
-    base = models.build_vgg16_base(weights, config.image_size, output_layer=config.feature_layer)
-    if min(base.output.shape[1:3]) < 4:
-        raise InputError(
-            f"the convolutional head needs a base output of at least 4x4, and {config.feature_layer} at "
-            f"--image-size {config.image_size} gives {base.output.shape[1]}x{base.output.shape[2]}; "
-            f"raise --image-size or cut the base earlier with --feature-layer"
-        )
-    head = build_head(base.output.shape[1:], dataset.num_classes, config)
-    from_cache, test_probabilities = None, None
-    base.trainable = config.train_base
+    trained.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+                                      restore_best_weights=True, verbose=1),
+        keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / "best.keras", monitor="val_loss",
+                                        save_best_only=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
+                                          patience=config.reduce_lr_patience, verbose=1)
+        if config.lr_schedule == "plateau" else
+        keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
+    history = trained.fit(x_train, dataset.y_train, validation_data=(x_val, dataset.y_val),
+                          epochs=config.epochs, batch_size=config.batch_size, callbacks=callbacks,
+                          verbose=config.verbose)
 
-    def raw_images_to_base(augment):
-        """Input, preprocessing (with augmentation when the base trains), resize, base."""
-        return [
-            models.image_input(dataset.image_shape),
-            models.VGG16Preprocess(name="vgg16_preprocess"),
-            *([models.augmentation()] if augment else []),
-            layers.Resizing(config.image_size, config.image_size, interpolation="bilinear", name="resize"),
-            base,
-        ]
-
-    classifier = keras.Sequential([*raw_images_to_base(config.train_base), head], name="vgg16_sequential")
-    if config.train_base:
-        # Base and head learn together on images; augmentation is on because the base trains.
-        training.compile_classifier(classifier, config.learning_rate)
-        history = training.fit(classifier, dataset.x_train, dataset.y_train, (dataset.x_val, dataset.y_val), run, config)
-    else:
-        # Frozen base: the head trains on cached features of everything before it.
-        feature_extractor = keras.Sequential(raw_images_to_base(False), name="feature_extractor")
-        training.compile_classifier(head, config.learning_rate)
-        history, cached = features.fit_head_on_cached_features(feature_extractor, head, dataset, run, config)
-        training.compile_classifier(classifier, config.learning_rate)
-        from_cache = cached["from_cache"]
-        test_probabilities = features.whole_model_test_probabilities(
-            classifier, head, cached["test"], dataset, run, config
-        )
-    reporting.finish_run(run, classifier, dataset, history, config, weights, test_probabilities=test_probabilities, extra={
-        "features_from_cache": from_cache,
-        "api": "sequential",
-        "strategy": "trainable base" if config.train_base else "frozen",
+    # The saved model: preprocessing, base, head (no augmentation), compiled as it was trained.
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    with run.timed("evaluation"):
+        if config.train_base:
+            test_predictions = distribute.predict(model, dataset.x_test, config.batch_size)
+        else:  # the head on the cached test features, checked against the whole model
+            test_predictions = features.predict_with_cached_features(model, head, cached["test"], dataset.x_test,
+                                                                     config.batch_size)
+    reporting.write_run(run, model, dataset, history, test_predictions, config.settings, notes={
+        "api": "sequential", "strategy": "trainable base" if config.train_base else "frozen",
     })
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, __doc__, cli.constants(globals())))
+    sys.exit(cli.run(main, globals()))

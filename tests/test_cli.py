@@ -53,14 +53,68 @@ def test_invalid_values_are_rejected_with_the_flag_named(argv, message):
         cli.parse_config("doc", CONSTANTS, argv)
 
 
-def test_run_turns_bad_input_into_one_line_and_status_2(capsys):
+SCRIPT = '''"""A script as the training scripts are written."""
+
+EPOCHS = 30  # at most; early stopping may end training sooner
+# The rate Adam starts from.
+LEARNING_RATE = 1e-3
+REDUCE_LR_PATIENCE = 1
+FEATURE_LAYER = "block4_pool"
+SEED = 42
+
+
+def main(config):
+    print(config.epochs, config.reduce_lr_patience, config.feature_layer)
+'''
+
+
+def _script_globals(tmp_path, source=SCRIPT):
+    """What cli.run gets from a script: its globals, with its file (for the comments and the names it uses)."""
+    path = tmp_path / "a_script.py"
+    path.write_text(source)
+    namespace = {"__file__": str(path), "__name__": "a_script"}
+    exec(compile(source, str(path), "exec"), namespace)
+    return namespace
+
+
+def test_run_turns_bad_input_into_one_line_and_status_2(tmp_path, capsys):
     def main(config):
         raise InputError("the data is missing; put it in in/")
 
-    assert cli.run(main, "doc", CONSTANTS, argv=[]) == 2
-    assert cli.run(main, "doc", CONSTANTS, argv=["--epochs", "0"]) == 2
+    script = _script_globals(tmp_path)
+    assert cli.run(main, script, argv=["--out", str(tmp_path)]) == 2
+    assert cli.run(main, script, argv=["--epochs", "0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "the data is missing" in lines[0] and "--epochs 0" in lines[1]
+
+
+def test_help_shows_each_constants_comment(tmp_path, capsys):
+    script = _script_globals(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.run(script["main"], script, argv=["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--epochs EPOCHS at most; early stopping may end training sooner (default: 30)" in text
+    assert "--learning-rate LEARNING_RATE The rate Adam starts from. (default: 0.001)" in text
+
+
+def test_a_constant_that_the_script_lacks_is_named_at_start_up(tmp_path, capsys):
+    renamed = SCRIPT.replace("REDUCE_LR_PATIENCE = 1", "REDUCE_LR_PATIENCES = 1")
+    script = _script_globals(tmp_path, renamed)
+    ran = []
+    assert cli.run(lambda config: ran.append(config), script, argv=["--out", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert not ran  # before any work
+    assert line == ("a_script.py: error: a_script.py uses config.reduce_lr_patience, but has no constant "
+                    "REDUCE_LR_PATIENCE (is REDUCE_LR_PATIENCES meant?); add REDUCE_LR_PATIENCE = ... to the "
+                    "constants at its top")
+
+
+def test_a_constant_with_a_fixed_set_of_values_is_checked_in_the_file_too(tmp_path, capsys):
+    script = _script_globals(tmp_path, SCRIPT.replace('"block4_pool"', '"block4_pol"'))
+    assert cli.run(script["main"], script, argv=["--out", str(tmp_path)]) == 2
+    assert "FEATURE_LAYER = 'block4_pol' is not one of block1_conv1" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--feature-layer: invalid choice: 'block9_pool'"):
+        cli.parse_config("doc", {"FEATURE_LAYER": "block4_pool", "SEED": 0}, ["--feature-layer", "block9_pool"])
 
 
 def _script(*args, out_dir):
@@ -83,7 +137,7 @@ def test_main_script_bad_input_exits_2_with_one_line_and_leaves_earlier_runs(tmp
         (["--epochs", "0"], tmp_path / "out", "--epochs 0"),
         (["--data", str(tmp_path / "nowhere")], tmp_path / "out", "no such file"),
         (["--weights", str(tmp_path / "none.h5")], tmp_path / "out", "no such file"),
-        (["--feature-layer", "block9_pool"], tmp_path / "out", "not a VGG16 layer"),
+        (["--feature-layer", "block9_pool"], tmp_path / "out", "invalid choice: 'block9_pool'"),
         # The weights are checked before the data loads: this archive is not readable either.
         (["--weights", str(corrupt), "--data", str(bad_archive)], tmp_path / "out",
          "is not a Keras VGG16 notop weights file"),

@@ -29,7 +29,7 @@ MIN_PRETRAINED_ACCURACY = 0.50
 def _run_main(out_dir, archive, weights):
     argv = ["--data", str(archive), "--weights", str(weights), "--subset", str(SUBSET), "--epochs", str(EPOCHS),
             "--out", str(out_dir), "--quiet"]
-    assert cli.run(transfer_learning.main, transfer_learning.__doc__, cli.constants(vars(transfer_learning)), argv) == 0
+    assert cli.run(transfer_learning.main, vars(transfer_learning), argv) == 0
     return sorted(p for p in (out_dir / "transfer_learning").iterdir() if not p.name.startswith("."))
 
 

@@ -1,4 +1,4 @@
-"""The base, its weights and the in-model preprocessing, built with weights=None where only built."""
+"""VGG16's preprocessing, weights and augmentation, the feature cache, and loading saved models."""
 
 import h5py
 import keras
@@ -6,42 +6,42 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_transfer import data, model as models
+from vgg_transfer import data, models
 from vgg_transfer.errors import InputError
 
-RANDOM = models.Weights(None, "none")
 
-
-def test_preprocess_layer_equals_vgg16_preprocess_input():
+def test_preprocessing_equals_vgg16_preprocess_input_with_built_in_layers():
     images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
-    layer_output = keras.ops.convert_to_numpy(models.VGG16Preprocess()(images))
     expected = keras.applications.vgg16.preprocess_input(images.astype("float32"))
-    np.testing.assert_allclose(layer_output, expected, atol=1e-4)
+    preprocessing = models.vgg16_preprocessing((32, 32, 3), 32)
+    np.testing.assert_array_equal(preprocessing.predict(images, verbose=0), expected)  # exactly
+    assert all(type(layer).__module__.startswith("keras.") for layer in preprocessing.layers)
+    assert preprocessing.inputs[0].dtype == "uint8" and preprocessing.trainable_weights == []
+    # Earlier versions' layer, kept for their saved models, computes the same.
+    from vgg_transfer import legacy
+
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(legacy.VGG16Preprocess()(images)), expected, atol=1e-4)
 
 
-def test_base_cut_at_a_named_layer_has_that_output():
-    base = models.build_vgg16_base(RANDOM, 32, output_layer="block4_pool")
-    assert base.output.shape[1:] == (2, 2, 512)
-    assert base.layers[-1].name == "block4_pool"
-    assert "block5_conv1" not in [layer.name for layer in base.layers]
+def test_preprocessing_resizes_inside_the_model_and_augments_only_in_training():
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    plain = models.vgg16_preprocessing((32, 32, 3), 64)
+    augmented = models.vgg16_preprocessing((32, 32, 3), 64, augment=True)
+    assert [layer.name for layer in plain.layers] == ["minus_imagenet_means", "rgb_to_bgr", "resize"]
+    assert [layer.name for layer in augmented.layers] == ["minus_imagenet_means", "rgb_to_bgr", "augmentation",
+                                                          "resize"]
+    resized = plain.predict(images, verbose=0)
+    assert resized.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(augmented(images, training=False), resized, atol=1e-4)
+    assert not np.allclose(augmented(images, training=True), resized, atol=1e-2)
 
 
-def test_frozen_extractor_freezes_every_base_weight_and_resizes_inside():
-    base = models.build_vgg16_base(RANDOM, 64, output_layer="block5_pool")
-    extractor = models.frozen_feature_extractor(base, (32, 32, 3), 64)
-    assert extractor.trainable_weights == [] and len(base.non_trainable_weights) == 26
-    assert [layer.name for layer in extractor.layers][:3] == ["image", "vgg16_preprocess", "resize"]
-    assert extractor.input.dtype == "uint8"
-    features = extractor.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
-    assert features.shape == (2, 2, 2, 512)  # 64 px in: five poolings leave 2x2
-
-
-def test_imagenet_weights_from_in_folder_are_found(tmp_path, monkeypatch):
+def test_imagenet_weights_from_in_folder_are_found(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path))
-    assert models.resolve_weights("imagenet").keras_argument == "imagenet"
-    (tmp_path / models.WEIGHTS_FILE_NAME).write_bytes(b"")
-    assert models.resolve_weights("imagenet").keras_argument == str(tmp_path / models.WEIGHTS_FILE_NAME)
-    assert models.resolve_weights("none").keras_argument is None
+    (tmp_path / models.WEIGHTS_FILE_NAME).symlink_to(shared_data[1])
+    assert models.resolve_weights("imagenet") == (str(tmp_path / models.WEIGHTS_FILE_NAME),
+                                                  f"ImageNet ({tmp_path / models.WEIGHTS_FILE_NAME})")
+    assert models.resolve_weights("none") == (None, "none (random initialisation)")
 
 
 def test_weights_file_missing_corrupt_or_of_another_architecture(tmp_path):
@@ -51,7 +51,7 @@ def test_weights_file_missing_corrupt_or_of_another_architecture(tmp_path):
     corrupt = tmp_path / "corrupt.h5"
     corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
     with pytest.raises(InputError, match="not a Keras VGG16 notop weights file"):
-        models.build_vgg16_base(models.resolve_weights(str(corrupt)), 32)
+        models.resolve_weights(str(corrupt))
 
     other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
     other_file = tmp_path / "other.weights.h5"
@@ -64,14 +64,7 @@ def test_weights_file_missing_corrupt_or_of_another_architecture(tmp_path):
         group.create_dataset("dense/kernel:0", data=np.zeros((8, 4), np.float32))
     for path in (other_file, legacy):
         with pytest.raises(InputError, match="not a Keras VGG16 notop weights file"):
-            models.build_vgg16_base(models.resolve_weights(str(path)), 32)
-
-
-def test_bad_image_size_and_layer_names():
-    with pytest.raises(InputError, match="at least 32"):
-        models.build_vgg16_base(RANDOM, 16)
-    with pytest.raises(InputError, match="not a VGG16 layer"):
-        models.build_vgg16_base(RANDOM, 32, output_layer="block6_pool")
+            models.resolve_weights(str(path))
 
 
 @pytest.mark.parametrize(
@@ -96,7 +89,7 @@ def test_failed_imagenet_download_says_which_file_to_put_where(tmp_path, monkeyp
     monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path))
     monkeypatch.setattr(keras.applications, "VGG16", offline)
     with pytest.raises(InputError, match=f"could not download the ImageNet weights .*{models.WEIGHTS_FILE_NAME} into"):
-        models.build_vgg16_base(models.resolve_weights("imagenet"), 32)
+        models.resolve_weights("imagenet")
 
 
 def test_predictions_and_splits_on_several_devices_cover_every_test_image(monkeypatch):
@@ -195,8 +188,9 @@ def test_feature_cache_is_rebuilt_when_the_cut_the_image_size_or_the_precision_c
 
     def extract(output_layer="block4_pool", image_size=32):
         keras.utils.set_random_seed(0)  # the same random weights every time
-        base = models.build_vgg16_base(RANDOM, image_size, output_layer=output_layer)
-        extractor = models.frozen_feature_extractor(base, (32, 32, 3), image_size)
+        vgg16 = keras.applications.VGG16(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+        base = keras.Model(vgg16.input, vgg16.get_layer(output_layer).output)
+        extractor = keras.Sequential([models.vgg16_preprocessing((32, 32, 3), image_size), base])
         return features.cached_features(extractor, images, batch_size=4, verbose=0, cache_dir=tmp_path)
 
     first, from_cache = extract()
@@ -214,10 +208,8 @@ def test_feature_cache_is_rebuilt_when_the_cut_the_image_size_or_the_precision_c
     assert len(list(tmp_path.glob("features-*.npz"))) == 4
 
 
-def test_a_head_that_disagrees_with_the_whole_model_falls_back_to_whole_model_predictions(tmp_path):
-    from argparse import Namespace
-
-    from vgg_transfer import features, runs
+def test_a_head_that_disagrees_with_the_whole_model_falls_back_to_whole_model_predictions():
+    from vgg_transfer import features
 
     rng = np.random.default_rng(0)
     x_test = rng.integers(0, 256, (300, 4, 4, 3), dtype=np.uint8)
@@ -225,17 +217,13 @@ def test_a_head_that_disagrees_with_the_whole_model_falls_back_to_whole_model_pr
     inputs = keras.Input((4, 4, 3), dtype="uint8")
     flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
     classifier = keras.Model(inputs, head(flat))
-    dataset = data.Dataset(x_test, np.zeros(300, np.int64), x_test, np.zeros(300, np.int64), x_test,
-                           np.zeros(300, np.int64), ("a", "b", "c"), "test", "test")
-    config = Namespace(batch_size=64, mixed_precision=False)
-    run = runs.Run(tmp_path, "toy")
     right = (x_test.reshape(300, -1) / 255).astype("float32")
     expected = classifier.predict(x_test, verbose=0)
-    agreeing = features.whole_model_test_probabilities(classifier, head, right, dataset, run, config)
+    agreeing = features.predict_with_cached_features(classifier, head, right, x_test, batch_size=64)
     np.testing.assert_allclose(agreeing, expected, atol=1e-5)
     wrong = right[::-1].copy()  # features of other images: the head's predictions are not the model's
     with pytest.warns(UserWarning, match="differs from the whole model"):
-        fallback = features.whole_model_test_probabilities(classifier, head, wrong, dataset, run, config)
+        fallback = features.predict_with_cached_features(classifier, head, wrong, x_test, batch_size=64)
     np.testing.assert_allclose(fallback, expected, atol=1e-6)
 
 
@@ -247,7 +235,7 @@ def test_benchmark_measures_a_tiny_size(tmp_path):
 
     argv = ["--image-sizes", "32", "--batch-size", "4", "--min-seconds", "0.2", "--matmul-size", "256",
             "--out", str(tmp_path)]
-    assert cli.run(benchmark.main, benchmark.__doc__, cli.constants(vars(benchmark)), argv) == 0
+    assert cli.run(benchmark.main, vars(benchmark), argv) == 0
     (report,) = (tmp_path / "benchmark").glob("benchmark-*.json")
     result = json.loads(report.read_text())
     (row,) = result["results"]

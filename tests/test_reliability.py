@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-from argparse import Namespace
 
 import keras
 import numpy as np
@@ -181,6 +180,34 @@ class _StateRecorder(keras.callbacks.Callback):
         }
 
 
+def _toy_fit(model, x, y, validation_data, run, epochs, schedule="plateau", extra=()):
+    """`fit` with the callbacks the training scripts use, on a toy model."""
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / "best.keras", monitor="val_loss",
+                                        save_best_only=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1) if schedule == "plateau" else
+        keras.callbacks.LearningRateScheduler(training.cosine_decay(1e-2, epochs)),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    callbacks.append(training.ResumeAfterInterruption(run, callbacks))
+    return model.fit(x, y, validation_data=validation_data, epochs=epochs, batch_size=len(x),
+                     callbacks=[*callbacks, *(extra(callbacks) if callable(extra) else extra)], verbose=0)
+
+
+def _toy_model(learning_rate):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def _interrupt_after(monkeypatch, epochs):
+    """Ctrl-C (a real SIGINT to this process) at the end of the `epochs`-th epoch from now."""
+    monkeypatch.setattr(training, "epochs_completed_in_this_process", 0)
+    monkeypatch.setenv(SIMULATED_INTERRUPTION, f"{epochs}:SIGINT")
+
+
 def test_a_resumed_training_restores_every_callbacks_state(tmp_path, monkeypatch):
     """In process, on a toy model whose validation loss rises from epoch 2 (its validation
     labels are the training labels flipped): the state at the start of the first epoch after
@@ -188,33 +215,19 @@ def test_a_resumed_training_restores_every_callbacks_state(tmp_path, monkeypatch
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int64")
-    config = Namespace(epochs=6, batch_size=64, quiet=True, early_stopping_patience=5,
-                       lr_schedule="plateau", reduce_lr_patience=1, reduce_lr_factor=0.5)
 
-    def train(run_name, interrupt=None):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-        training.compile_classifier(model, 0.1)
+    def train(run_name):
         recorders = []
-
-        def with_recorder(*args, **kwargs):
-            callbacks = STANDARD(*args, **kwargs)
-            recorders.append(_StateRecorder(callbacks))
-            return [*callbacks, recorders[-1]]
-
-        monkeypatch.setattr(training, "standard_callbacks", with_recorder)
-        if interrupt:
-            monkeypatch.setenv(SIMULATED_INTERRUPTION, interrupt)
-        else:
-            monkeypatch.delenv(SIMULATED_INTERRUPTION, raising=False)
         run = runs.Run(tmp_path / run_name, "toy", resume_key="toy")
-        training.fit(model, x, y, (x, 1 - y), run, config)
-        return recorders[-1].states
+        _toy_fit(_toy_model(0.1), x, y, (x, 1 - y), run, epochs=6,
+                 extra=lambda callbacks: recorders.append(_StateRecorder(callbacks)) or recorders)
+        return recorders[0].states
 
-    monkeypatch.setattr(training, "_SimulatedInterruption", _InterruptAfter)
     uninterrupted = train("uninterrupted")
+    _interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        train("interrupted", interrupt="3:SIGINT")
+        train("interrupted")
+    monkeypatch.delenv(SIMULATED_INTERRUPTION)
     resumed = train("interrupted")  # the same command again: continues after epoch 3
 
     assert sorted(resumed) == [3, 4, 5]
@@ -229,23 +242,23 @@ def test_a_resumed_training_restores_every_callbacks_state(tmp_path, monkeypatch
 
 
 def test_a_different_command_starts_a_new_run_instead_of_continuing(tmp_path, monkeypatch):
-    config = cli.parse_config("", {"EPOCHS": 6, "SEED": 0}, ["--subset", "1000"])
-    key = runs.resume_key(config, "transfer_learning")
-    interrupted = runs.Run(tmp_path, "transfer_learning", key).path  # a partial run of this command
-    others = [
-        runs.resume_key(cli.parse_config("", {"EPOCHS": 6, "SEED": 0}, ["--subset", "1000", "--epochs", "5"]),
-                        "transfer_learning"),
-        runs.resume_key(cli.parse_config("", {"EPOCHS": 6, "SEED": 0}, ["--subset", "2000"]), "transfer_learning"),
-        runs.resume_key(config, "fine_tune"),
-    ]
+    def key(argv, script="transfer_learning"):
+        config = cli.parse_config("", {"EPOCHS": 6, "SEED": 0}, argv)
+        return runs.resume_key(runs.settings(script, config.hyperparameters, config.data, "ImageNet", config.subset,
+                                             config.mixed_precision))
+
+    command = ["--subset", "1000"]
+    interrupted = runs.Run(tmp_path, "transfer_learning", key(command)).path  # a partial run of this command
+    others = [key([*command, "--epochs", "5"]), key(["--subset", "2000"]), key(command, "fine_tune"),
+              key([*command, "--mixed-precision"])]
     monkeypatch.setattr(keras.config, "backend", lambda: "jax")
-    others.append(runs.resume_key(config, "transfer_learning"))
+    others.append(key(command))
     monkeypatch.undo()
-    assert len(set(others)) == len(others) and key not in others
+    assert len(set(others)) == len(others) and key(command) not in others
     for other in others:
         new = runs.Run(tmp_path, "transfer_learning", other).path
         assert new != interrupted and new.name.endswith(".partial")
-    assert runs.Run(tmp_path, "transfer_learning", key).path == interrupted  # the same command continues it
+    assert runs.Run(tmp_path, "transfer_learning", key(command)).path == interrupted  # the same command continues it
 
 
 def _require_jax():
@@ -400,61 +413,29 @@ class _PoisonAfter(keras.callbacks.Callback):
                 weight.assign(keras.ops.full(weight.shape, np.inf, weight.dtype))
 
 
-def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 4)).astype("float32"), rng.integers(0, 2, 64)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    training.compile_classifier(model, 1e-2)
-    config = Namespace(epochs=5, batch_size=16, quiet=True, early_stopping_patience=5,
-                       lr_schedule="plateau", reduce_lr_patience=5, reduce_lr_factor=0.5)
     run = runs.Run(tmp_path / "out", "toy", resume_key="toy")
-    poison = _PoisonAfter(2)
-    monkeypatch.setattr(training, "standard_callbacks",
-                        lambda *args, **kwargs: [*STANDARD(*args, **kwargs), poison])
     with pytest.raises(TrainingDiverged, match="epoch 3: the loss became NaN or infinite; lower --learning-rate"):
-        training.fit(model, x, y, (x, y), run, config)
+        _toy_fit(_toy_model(1e-2), x, y, (x, y), run, epochs=5, extra=[_PoisonAfter(2)])
     best = keras.saving.load_model(run.path / "checkpoints" / "best.keras")  # from epochs 1-2
     assert all(np.isfinite(weight).all() for weight in best.get_weights())
     assert run.path.name.endswith(".partial")
-    assert not (run.path / runs.RESUME_KEY_FILE).exists()  # a rerun starts afresh
-
-
-STANDARD = training.standard_callbacks
-
-
-class _InterruptAfter(keras.callbacks.Callback):
-    """Ctrl-C at the end of an epoch, in process (stands in for training._SimulatedInterruption)."""
-
-    def __init__(self, spec):
-        super().__init__()
-        self.epoch = int(spec.split(":")[0])
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epoch:
-            raise KeyboardInterrupt
+    assert not (run.path / "resume").exists()  # a rerun starts afresh
 
 
 def test_the_cosine_schedule_follows_its_curve_across_an_interruption(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 4)).astype("float32"), rng.integers(0, 2, 64)
-    config = Namespace(epochs=5, batch_size=16, quiet=True, early_stopping_patience=5, lr_schedule="cosine")
     run = runs.Run(tmp_path / "out", "toy", resume_key="toy")
-
-    def compiled_model():
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-        training.compile_classifier(model, 1e-2)
-        return model
-
-    monkeypatch.setattr(training, "_SimulatedInterruption", _InterruptAfter)
-    monkeypatch.setenv(SIMULATED_INTERRUPTION, "2:SIGINT")
+    _interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        training.fit(compiled_model(), x, y, (x, y), run, config)
+        _toy_fit(_toy_model(1e-2), x, y, (x, y), run, epochs=5, schedule="cosine")
     monkeypatch.delenv(SIMULATED_INTERRUPTION)
-    history = training.fit(compiled_model(), x, y, (x, y), run, config)  # the same command again
+    history = _toy_fit(_toy_model(1e-2), x, y, (x, y), run, epochs=5, schedule="cosine")  # the same command again
     expected = [1e-2 * (1 + np.cos(np.pi * epoch / 5)) / 2 for epoch in range(5)]  # 1e-2 down to 9.5e-4
     np.testing.assert_allclose(history.history["learning_rate"], expected, rtol=1e-5)
-    assert not any(isinstance(callback, keras.callbacks.ReduceLROnPlateau)
-                   for callback in training.standard_callbacks(run, config, epochs=5, initial_learning_rate=1e-2))
 
 
 def test_an_unknown_learning_rate_schedule_is_named():

@@ -13,7 +13,7 @@ import compare
 import fine_tune
 import transfer_learning_sequential
 import transfer_learning_subclassed
-from vgg_transfer import cli, data, model as models
+from vgg_transfer import cli, data, gradcam, models
 from vgg_transfer.errors import InputError
 
 QUICK = ["--subset", "300", "--quiet"]
@@ -22,7 +22,7 @@ QUICK = ["--subset", "300", "--quiet"]
 def _run(script, out_dir, shared_data, *extra):
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(out_dir), *QUICK, *extra]
-    assert cli.run(script.main, script.__doc__, cli.constants(vars(script)), argv) == 0
+    assert cli.run(script.main, vars(script), argv) == 0
     name = script.__name__
     (run_dir,) = [p for p in (out_dir / name).iterdir() if not p.name.startswith(".")]
     return run_dir
@@ -72,31 +72,15 @@ def _trainable_base_layers(model):
     return sorted({weight.path.split("/")[0] for weight in model.trainable_weights if weight.path.startswith("block")})
 
 
-@pytest.mark.parametrize(
-    "unfreeze_from, expected",
-    [
-        ("block5_conv1", ["block5_conv1", "block5_conv2", "block5_conv3"]),
-        ("block4_conv1", ["block4_conv1", "block4_conv2", "block4_conv3", "block5_conv1", "block5_conv2", "block5_conv3"]),
-    ],
-)
-def test_unfreezing_makes_exactly_the_named_layers_trainable(unfreeze_from, expected):
-    base = models.build_vgg16_base(models.Weights(None, "none"), 32)
-    models.unfreeze_from(base, unfreeze_from)
-    assert _trainable_base_layers(base) == expected
-    models.frozen_feature_extractor(base, (32, 32, 3), 32)
-    assert base.trainable_weights == []
-
-
 def test_unfreezing_from_a_layer_that_is_no_block_boundary_is_rejected():
-    base = models.build_vgg16_base(models.Weights(None, "none"), 32)
     for name in ("block5_conv2", "block9_conv1", "dense"):
-        with pytest.raises(InputError, match="not a block boundary"):
-            models.unfreeze_from(base, name)
+        with pytest.raises(InputError, match=f"--unfreeze-from: invalid choice: '{name}'"):
+            cli.parse_config("", cli.constants(vars(fine_tune)), ["--unfreeze-from", name])
 
 
 def test_split_base_computes_the_same_as_the_whole_base():
-    base = models.build_vgg16_base(models.Weights(None, "none"), 32)
-    lower, upper = models.split_base(base, "block5_conv1")
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    lower, upper = models.split_at(base, "block5_conv1")
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(upper.predict(lower.predict(images, verbose=0), verbose=0),
                                base.predict(images, verbose=0), rtol=1e-4, atol=1e-4)
@@ -106,8 +90,14 @@ def test_subclassed_model_runs_end_to_end_and_reloads(subclassed_run, shared_dat
     run_dir = subclassed_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["api"] == "subclassing" and metrics["test_accuracy"] > 0.2  # chance is 0.1
-    model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(transfer_learning_subclassed, shared_data))
-    assert isinstance(model, models.VGG16Classifier) and model.base.trainable_weights == []
+    dataset = _test_images(transfer_learning_subclassed, shared_data)
+    _assert_reloads_with_the_same_predictions(run_dir, dataset)  # model.keras: the same layers, functional
+    subclassed = keras.saving.load_model(run_dir / "subclassed_model.keras")  # the class is defined: it reloads
+    assert isinstance(subclassed, transfer_learning_subclassed.VGG16Classifier)
+    assert subclassed.base.trainable_weights == [] and len(subclassed.head.trainable_weights) > 0
+    np.testing.assert_allclose(subclassed.predict(dataset.x_test, verbose=0),
+                               keras.saving.load_model(run_dir / "model.keras").predict(dataset.x_test, verbose=0),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["--no-train-base", "--train-base"])
@@ -125,7 +115,7 @@ def test_sequential_head_without_spatial_room_is_rejected_before_training(shared
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), *QUICK, "--image-size", "32"]
     script = transfer_learning_sequential
-    assert cli.run(script.main, script.__doc__, cli.constants(vars(script)), argv) == 2
+    assert cli.run(script.main, vars(script), argv) == 2
     assert "at least 4x4" in capsys.readouterr().err
     assert not list(tmp_path.glob("*/*"))
 
@@ -173,21 +163,6 @@ def _imagenet_weights(path):
                 for name in file.attrs["layer_names"] if b"conv" in name}
 
 
-class _CtrlCAfter(keras.callbacks.Callback):
-    """Ctrl-C at the end of the run's EPOCH-th epoch, counted over both phases (in process)."""
-
-    completed = 0
-
-    def __init__(self, spec):
-        super().__init__()
-        self.epoch = int(spec.split(":")[0])
-
-    def on_epoch_end(self, epoch, logs=None):
-        _CtrlCAfter.completed += 1
-        if _CtrlCAfter.completed == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_a_completed_phase_is_not_trained_again_after_an_interruption(fine_tune_runs, shared_data, tmp_path,
                                                                        monkeypatch, capsys):
     from vgg_transfer import training
@@ -197,21 +172,24 @@ def test_a_completed_phase_is_not_trained_again_after_an_interruption(fine_tune_
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), *QUICK, *FINE_TUNE_QUICK,
             augment]
-    monkeypatch.setattr(training, "_SimulatedInterruption", _CtrlCAfter)
-    monkeypatch.setenv(training.SIMULATED_INTERRUPTION, "3:SIGINT")  # phase 2's first epoch
-    assert cli.run(fine_tune.main, fine_tune.__doc__, cli.constants(vars(fine_tune)), argv) == 130
+    monkeypatch.setattr(training, "epochs_completed_in_this_process", 0)
+    monkeypatch.setenv(training.SIMULATED_INTERRUPTION, "3:SIGINT")  # Ctrl-C after phase 2's first epoch
+    assert cli.run(fine_tune.main, vars(fine_tune), argv) == 130
     monkeypatch.delenv(training.SIMULATED_INTERRUPTION)
     capsys.readouterr()
     fits = []
     original_fit = keras.Model.fit
     monkeypatch.setattr(keras.Model, "fit", lambda self, *a, **k: fits.append(self.name) or original_fit(self, *a, **k))
-    assert cli.run(fine_tune.main, fine_tune.__doc__, cli.constants(vars(fine_tune)), argv) == 0
-    assert "Training: completed before the interruption" in capsys.readouterr().out
-    assert len(fits) == 1 and fits[0] != "head"  # phase 2 only
+    assert cli.run(fine_tune.main, vars(fine_tune), argv) == 0
+    output = capsys.readouterr().out
+    assert "phase_1: completed before the interruption" in output and "Resuming after epoch 1" in output
+    assert fits == ["head", "vgg16_upper_and_head"]  # phase 1's fit returned at once (below)
     (run_dir,) = [p for p in (tmp_path / "fine_tune").iterdir() if not p.name.startswith(".")]
     resumed, reference = _history(run_dir), _history(uninterrupted)
     assert len(resumed) == len(reference) == 4
     assert resumed[:3] == reference[:3]  # phase 1 and phase 2's first epoch, before the interruption
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["phase_1_epochs"] == 2 and metrics["epochs_run"] == 4
 
 
 @pytest.mark.parametrize("network, convolutions", [("small_cnn", 6), ("vgg11_bn", 8), ("vgg16_bn", 13)])
@@ -220,10 +198,12 @@ def test_baselines_train_from_scratch_and_reload(shared_data, network, convoluti
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["weights"].startswith("none") and metrics["hyperparameters"]["MODEL"] == network
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(baselines, shared_data))
-    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in model.layers) == convolutions
+    layers = list(gradcam.all_layers(model))
+    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in layers) == convolutions
+    assert not any(isinstance(layer, models.RandomFlipAndShift) for layer in layers)  # saved without augmentation
     assert all(weight.trainable for weight in model.trainable_weights) and len(model.trainable_weights) > 0
     # Everything learns but the batch-normalisation statistics, which are averaged, not trained.
-    normalisations = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    normalisations = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(normalisations) == convolutions + (network == "small_cnn")  # the small CNN's dense layer too
     statistics = {weight.path for layer in normalisations for weight in (layer.moving_mean, layer.moving_variance)}
     assert {weight.path for weight in model.non_trainable_weights} == statistics
@@ -231,8 +211,8 @@ def test_baselines_train_from_scratch_and_reload(shared_data, network, convoluti
 
 def test_baselines_decay_the_kernels_only():
     config = cli.parse_config("", cli.constants(vars(baselines)), ["--model", "vgg11_bn", "--learning-rate", "0.1"])
-    classifier = baselines.build_model((32, 32, 3), 10, config)
-    optimizer = baselines.decoupled_weight_decay(classifier, config)
+    classifier = baselines.build_network((32, 32, 3), 10, config)
+    optimizer = baselines.decoupled_weight_decay(classifier, config.learning_rate, config.weight_decay)
     variables = classifier.trainable_variables
     before = [keras.ops.convert_to_numpy(v) for v in variables]
     # With zero gradients Adam's own step is zero, so only the weight decay moves anything.
@@ -246,7 +226,7 @@ def test_baselines_decay_the_kernels_only():
 
 def test_unknown_baseline_is_rejected(tmp_path, capsys):
     argv = ["--model", "resnet50", "--out", str(tmp_path)]
-    assert cli.run(baselines.main, baselines.__doc__, cli.constants(vars(baselines)), argv) == 2
+    assert cli.run(baselines.main, vars(baselines), argv) == 2
     assert "not a baseline" in capsys.readouterr().err
 
 

@@ -1,14 +1,18 @@
-"""What every script of the project does the same way.
+"""What every script of the project would otherwise copy; the Keras calls that are the lesson
+(building VGG16, freezing it, the head, compile, the callbacks, fit) stay in the scripts.
 
+- `cli`: flags from a script's constants, the common flags, the checks before any work, one-line errors.
 - `data`: find, decode (once, cached) and split CIFAR-10 or any image-folder data set.
-- `model`: the VGG16 base with its weights, and the preprocessing inside every model.
+- `models`: VGG16's weights and preprocessing (built-in layers), augmentation, loading saved models.
 - `features`: frozen-base features, cached on disk.
-- `training`: `fit` with early stopping, learning-rate reduction, checkpoint and CSV log.
-- `reporting`: test-set evaluation and every file of a run folder.
+- `training`: the resume-after-interruption callback and the cosine schedule.
+- `reporting`: every file of a run folder (reports, pictures, the saved model).
 - `runs`: run folders that are published only when complete; the environment record.
-- `cli`: flags from a script's constants, the common flags, one-line errors.
+- `distribute`: data-parallel training over every local device (`--distribute`).
+- `gradcam`, `legacy`, `cache`, `paths`, `errors`: Grad-CAM, old saved models, helpers.
 """
 
+import logging
 import os
 
 # Quieten TensorFlow's C++ logging (on a CPU-only machine it logs a CUDA "error" that is
@@ -17,3 +21,6 @@ import os
 # still prints six lines while it loads (oneDNN, "Could not find cuda drivers"), before its
 # logging reads any setting (tensorflow/tensorflow#100442): they are harmless.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow's Python-side warnings (tf.function retracing when several models predict in turn)
+# say nothing a user can act on.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)

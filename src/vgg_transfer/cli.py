@@ -1,14 +1,19 @@
-"""Flags from a script's constants, the flags every script shares, and one-line errors.
+"""The command line of every script: its constants become flags, the flags every script shares,
+the checks made before any work, and bad input reported as one line.
 
-Each script keeps its hyperparameters as UPPERCASE constants; every constant becomes a
-flag of the same name in kebab case (`EPOCHS` -> `--epochs`), so a user edits the file or
-overrides on the command line. The resolved values come back as an `argparse.Namespace`
-with lowercase names (`config.epochs`).
+Each training script keeps its hyperparameters as UPPERCASE constants; every constant becomes
+a flag of the same name in kebab case (`EPOCHS` -> `--epochs`), with the constant's comment
+as its help, so a user edits the file or overrides on the command line. The script's `main`
+receives the resolved values as `config` (`config.epochs`).
 """
 
 import argparse
+import ast
+import difflib
+import io
 import math
 import sys
+import tokenize
 import warnings
 from pathlib import Path
 
@@ -25,17 +30,29 @@ _RULES = {
     "SEED": lambda v: None if v >= 0 else "0 or more",
 }
 _SUFFIX_RULES = {
+    "EPOCHS": lambda v: None if v >= 1 else "at least 1",
     "LEARNING_RATE": lambda v: None if math.isfinite(v) and v > 0 else "a positive number, e.g. 1e-3",
     "DROPOUT": lambda v: None if 0 <= v < 1 else "in [0, 1)",
     "PATIENCE": lambda v: None if v >= 1 else "at least 1",
     "UNITS": lambda v: None if v >= 1 else "at least 1",
     "FACTOR": lambda v: None if 0 < v < 1 else "strictly between 0 and 1",
+    "SMOOTHING": lambda v: None if 0 <= v < 1 else "in [0, 1)",
+    "DECAY": lambda v: None if v >= 0 else "0 or more",
 }
 
-# String constants with a fixed set of values: the flag accepts only these.
+# String constants with a fixed set of values: anything else is refused with the choices named.
+_VGG16_LAYERS = ("block1_conv1", "block1_conv2", "block1_pool", "block2_conv1", "block2_conv2", "block2_pool",
+                 "block3_conv1", "block3_conv2", "block3_conv3", "block3_pool", "block4_conv1", "block4_conv2",
+                 "block4_conv3", "block4_pool", "block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")
 CHOICES = {
-    "LR_SCHEDULE": ("plateau", "cosine"),  # see training.learning_rate_callback
+    "LR_SCHEDULE": ("plateau", "cosine"),
+    "FEATURE_LAYER": _VGG16_LAYERS,
+    "UNFREEZE_FROM": tuple(name for name in _VGG16_LAYERS if name.endswith("_conv1")),
 }
+
+# What `config` holds besides the constants: the common flags, and what `run` adds.
+COMMON = ("data", "weights", "weights_source", "out", "subset", "quiet", "mixed_precision", "distribute",
+          "verbose", "hyperparameters", "settings", "resume_key", "script_name")
 
 
 def constants(namespace):
@@ -46,6 +63,26 @@ def constants(namespace):
     }
 
 
+def constant_comments(source):
+    """{NAME: the comment on the line of `NAME = ...`, or the comment lines just above it}."""
+    comments, above = {}, []
+    lines = source.splitlines()
+    inline = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            inline[token.start[0]] = token.string.lstrip("#").strip()
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(inline.get(number, ""))
+            continue
+        name = stripped.split("=", 1)[0].strip() if "=" in stripped and not line.startswith(" ") else ""
+        if name.isupper() and name.isidentifier():
+            comments[name] = inline.get(number) or " ".join(above)
+        above = []
+    return comments
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line (not usage plus message) and exit status 2."""
 
@@ -53,22 +90,24 @@ class OneLineParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
-def parse_config(description, script_constants, argv=None, prog=None):
+def parse_config(description, script_constants, argv=None, prog=None, comments=None):
     """Parses the command line into the resolved configuration.
 
     Args:
         description: the script's docstring, shown by --help.
         script_constants: `constants(globals())` of the script; must include SEED.
         argv: the arguments (default `sys.argv[1:]`).
+        comments: {NAME: help text} for the constants' flags (see `constant_comments`).
 
     Returns:
         Namespace with one lowercase attribute per constant plus the common flags `data`,
-        `weights`, `out`, `subset`, `quiet`, `mixed_precision` and `distribute`; `config.hyperparameters` maps the constant
-        names to their resolved values.
+        `weights`, `out`, `subset`, `quiet`, `mixed_precision` and `distribute`, `verbose`
+        (Keras's progress-bar setting), and `hyperparameters` (constant name -> resolved value).
 
     Raises:
         InputError: an unknown flag, a value of the wrong type, or one out of range.
     """
+    comments = comments or {}
     parser = OneLineParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -95,17 +134,19 @@ def parse_config(description, script_constants, argv=None, prog=None):
     hyper = parser.add_argument_group("hyperparameters (the constants at the top of the script)")
     for name, default in script_constants.items():
         flag = "--" + name.lower().replace("_", "-")
+        note = f"{comments[name]} " if comments.get(name) else ""
         if isinstance(default, bool):
             hyper.add_argument(flag, dest=name.lower(), action=argparse.BooleanOptionalAction, default=default,
-                               help=f"(default: {default})")
+                               help=f"{note}(default: {default})")
         else:
             kind = float if isinstance(default, float) else type(default)
             choices = CHOICES.get(name)
             hyper.add_argument(flag, dest=name.lower(), type=kind, default=default, choices=choices,
-                               metavar="{" + ",".join(choices) + "}" if choices else name,
-                               help=f"(default: {default})")
+                               metavar="{" + ",".join(choices) + "}" if choices and len(choices) < 5 else name,
+                               help=f"{note}(default: {default})")
     config = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
     config.hyperparameters = {name: getattr(config, name.lower()) for name in script_constants}
+    config.verbose = 0 if config.quiet else "auto"
     _validate(config)
     return config
 
@@ -131,6 +172,10 @@ def _is_negative_number(token):
 
 def _validate(config):
     for name, value in config.hyperparameters.items():
+        flag = "--" + name.lower().replace("_", "-")
+        if name in CHOICES and value not in CHOICES[name]:  # a constant edited in the file; flags are checked by argparse
+            raise InputError(f"{name} = {value!r} is not one of {', '.join(CHOICES[name])}; change it at the top of "
+                             f"the script or pass {flag}")
         rule = _RULES.get(name) or next(
             (rule for suffix, rule in _SUFFIX_RULES.items() if name.endswith(suffix)), None
         )
@@ -138,10 +183,27 @@ def _validate(config):
             continue
         accepted = rule(value)
         if accepted is not None:
-            flag = "--" + name.lower().replace("_", "-")
             raise InputError(f"{flag} {value} is out of range; it must be {accepted}")
     if config.subset is not None and config.subset < 1:
         raise InputError(f"--subset {config.subset} is out of range; pass a positive number of images")
+
+
+def config_names_used(source):
+    """The attribute names that the `main` function in `source` reads from its `config`."""
+    mains = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+    return {node.attr for main in mains for node in ast.walk(main)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"}
+
+
+def check_config_names(used, script_constants, prog):
+    """Raises InputError, naming it, for the first `config.<name>` that the script reads but
+    whose constant it lacks (removed, renamed or misspelled): found at start-up, not mid-run."""
+    known = {name.lower() for name in script_constants} | set(COMMON)
+    for name in sorted(used - known):
+        close = difflib.get_close_matches(name.upper(), list(script_constants), n=1)
+        hint = f" (is {close[0]} meant?)" if close else ""
+        raise InputError(f"{prog} uses config.{name}, but has no constant {name.upper()}{hint}; add "
+                         f"{name.upper()} = ... to the constants at its top")
 
 
 def _interrupted_run_summary():
@@ -156,22 +218,59 @@ def _interrupted_run_summary():
     return best + "Run the same command again to continue from the last completed epoch. "
 
 
-def run(main, description, script_constants, argv=None):
-    """Parses the flags, runs `main(config)` and turns bad input into one line and status 2.
+def _one_line_warnings():
+    """Warnings print as `warning: <message>`, not as a source location and a line of code."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
-    Returns the process exit status: 0 on success, 2 on bad input, 130 on Ctrl-C.
+
+def prepare(config, used, script_name):
+    """The checks and settings every training script needs before its own work, in order of
+    cost: the output folder, the data path, the weights (loaded once to check them, and only
+    for scripts that read `config.weights`), precision, devices, the resume key."""
+    from vgg_transfer import data, distribute, models, runs  # Keras loads here, after the flags are fine
+
+    runs.check_writable(config.out)
+    data.locate(config.data)  # a data path that is not there is named before any download
+    config.weights, config.weights_source = (models.resolve_weights(config.weights) if "weights" in used
+                                             else (None, "none (trained from scratch)"))
+    runs.set_precision(config.mixed_precision)
+    distribute.configure(config.distribute, getattr(config, "batch_size", 1))  # before any model is built
+    config.script_name = script_name
+    config.settings = runs.settings(script_name, config.hyperparameters, config.data, config.weights_source,
+                                    config.subset, config.mixed_precision)
+    config.resume_key = runs.resume_key(config.settings)
+
+
+def run(main, script_globals, argv=None):
+    """Parses the flags, checks them, runs `main(config)`, and turns bad input into one line.
+
+    Args:
+        main: the script's `main(config)`.
+        script_globals: the script's `globals()` (its docstring, constants and file).
+        argv: the arguments (default `sys.argv[1:]`).
+
+    Returns:
+        The process exit status: 0 on success, 2 on bad input, 130 on Ctrl-C.
     """
-    prog = Path(sys.argv[0]).name if argv is None else None
+    script_file = Path(script_globals["__file__"])
+    prog = script_file.name
+    source = script_file.read_text()
+    script_constants = constants(script_globals)
+    _one_line_warnings()
     try:
-        config = parse_config(description, script_constants, argv, prog=prog)
+        config = parse_config(script_globals.get("__doc__"), script_constants, argv, prog=prog,
+                              comments=constant_comments(source))
+        used = config_names_used(source)
+        check_config_names(used, script_constants, prog)
+        prepare(config, used, script_file.stem)
         if config.quiet:
             warnings.filterwarnings("ignore", category=UserWarning, module="keras")
         main(config)
     except InputError as error:
-        print(f"{prog or 'error'}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{prog or 'run'}: interrupted. {_interrupted_run_summary()}"
+        print(f"\n{prog}: interrupted. {_interrupted_run_summary()}"
               "Earlier runs in out/ are untouched.", file=sys.stderr)
         return 130
     return 0
@@ -184,6 +283,7 @@ def run_tool(main, parse_arguments, argv=None):
     Returns the exit status: what `main` returns (None counts as 0), or 2.
     """
     prog = Path(sys.argv[0]).name
+    _one_line_warnings()
     try:
         return main(parse_arguments(argv)) or 0
     except InputError as error:

@@ -114,12 +114,15 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
         verbose: print one line saying which data is used.
 
     Returns:
-        A `Dataset`.
+        A `Dataset`. With `--distribute` over N devices, the training and validation sets
+        drop their last `len % N` images, so that every batch splits evenly.
 
     Raises:
         InputError: no data found, a path of no accepted form, an unreadable archive, or
             class folders that do not fit together.
     """
+    from vgg_transfer import distribute  # imports Keras, which loading the data does not need otherwise
+
     source_path, form = locate(data_path)
     if source_path is None:
         decoded, source = _download_cifar10(), "CIFAR-10 (keras.datasets download)"
@@ -128,7 +131,7 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
         decoded = _decode_cached(source_path, form, Path(cache_dir or paths.cache_dir()))
     if verbose:
         print(f"Data: {source}")
-    return _split(decoded, source, validation_split, seed, subset)
+    return distribute.whole_batches(_split(decoded, source, validation_split, seed, subset))
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ replicas = 1
 description = None
 
 
-def configure(config):
-    """Sets up data parallelism over all local devices when `config.distribute` is set.
+def configure(enabled, batch_size):
+    """Sets up data parallelism over all local devices when `enabled` (the `--distribute` flag).
 
     Call before any model is built (its variables must be created on every device).
 
@@ -37,7 +37,7 @@ def configure(config):
     """
     global replicas, description
     replicas, description = 1, None
-    if not getattr(config, "distribute", False):
+    if not enabled:
         return
     backend = keras.config.backend()
     if backend == "jax":
@@ -50,8 +50,8 @@ def configure(config):
     else:
         raise InputError(f"--distribute needs KERAS_BACKEND=jax or tensorflow; Keras has no data-parallel "
                          f"training for the {backend} backend")
-    if config.batch_size % len(devices):
-        raise InputError(f"--batch-size {config.batch_size} does not split evenly over {len(devices)} devices; "
+    if batch_size % len(devices):
+        raise InputError(f"--batch-size {batch_size} does not split evenly over {len(devices)} devices; "
                          f"pass a multiple of {len(devices)}")
     if backend == "jax":
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
@@ -62,7 +62,7 @@ def configure(config):
     replicas = len(devices)
     description = {"engine": engine, "replicas": replicas, "devices": [str(device) for device in devices]}
     print(f"Data-parallel over {replicas} device{'s' if replicas > 1 else ''} ({engine}): "
-          f"{', '.join(description['devices'])}; {config.batch_size // replicas} images per device and batch")
+          f"{', '.join(description['devices'])}; {batch_size // replicas} images per device and batch")
 
 
 def variable_placement(model):

@@ -1,103 +1,95 @@
-"""Evaluation on the test set and every file of a run folder.
+"""Every file of a run folder: the test-set report, metrics.json, the pictures, the saved model.
 
-All test figures come from one unshuffled pass of the whole saved model over the test
-images, so predictions and labels are aligned by construction; the classification report,
-metrics.json and predictions.csv are all computed from that one pass.
+All test figures come from one unshuffled pass over the test images (the `test_predictions`
+a script passes in), so predictions and labels are aligned by construction; the
+classification report, metrics.json and predictions.csv are all computed from that one pass.
+Pictures are drawn with matplotlib's `Figure` (no pyplot, no display) and scikit-learn's
+display classes.
 """
 
 import csv
 import json
 
-import matplotlib
+import keras
 import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn import metrics as sk_metrics
 
-matplotlib.use("Agg")  # Files only; no display is needed or wanted.
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn import metrics as sk_metrics  # noqa: E402
-
-from vgg_transfer import model as models  # noqa: E402
-from vgg_transfer import distribute, runs  # noqa: E402
+from vgg_transfer import distribute, models, runs
 
 
-def predict_test_set(classifier, dataset, batch_size, verbose=0):
-    """Class probabilities (N_test, num_classes) for the test images, in their stored order."""
-    return distribute.predict(classifier, dataset.x_test, batch_size, verbose).astype(np.float64)
+def probabilities_and_loss(model, labels, outputs):
+    """(class probabilities, mean test loss) from the model's outputs on the test images,
+    read the way its compiled loss reads them: logits for a loss with `from_logits=True`,
+    one-hot targets for a non-sparse loss (label smoothing needs one), else as they are."""
+    loss = keras.losses.get(model.loss or "sparse_categorical_crossentropy")
+    loss_config = loss.get_config() if isinstance(loss, keras.losses.Loss) else {"name": loss.__name__}
+    outputs = np.asarray(outputs, dtype=np.float64)
+    targets = labels if "sparse" in loss_config["name"] else keras.utils.to_categorical(labels, outputs.shape[1])
+    value = float(np.mean(keras.ops.convert_to_numpy(loss(targets, outputs.astype(np.float32)))))
+    if loss_config.get("from_logits"):
+        outputs = keras.ops.convert_to_numpy(keras.ops.softmax(outputs)).astype(np.float64)
+    return outputs, value
 
 
-def cross_entropy(probabilities, labels):
-    """Mean categorical cross-entropy, with Keras's clipping (epsilon 1e-7)."""
-    chosen = probabilities[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.clip(chosen, 1e-7, 1.0))))
-
-
-def finish_run(run, classifier, dataset, history, config, weights, extra=None, test_probabilities=None):
-    """Evaluates `classifier` on the test set, writes every report file and publishes the run.
+def write_run(run, model, dataset, history, test_predictions, settings, notes=None):
+    """Writes every report file of a run, saves its model, and publishes the run folder.
 
     Args:
         run: the `runs.Run` being written; it is renamed to its final name at the end.
-        classifier: the whole model (raw uint8 images in, class probabilities out), with
-            its best weights.
+        model: the whole model to save (raw uint8 images in), compiled with the loss it was
+            trained with, and with its best weights.
         dataset: the `data.Dataset` it was trained on.
-        history: the `keras.callbacks.History` of training (or a list of them, in order).
-        config: the resolved configuration from `cli.parse_config`.
-        weights: the `model.Weights` used, for the record.
-        extra: more entries for metrics.json.
-        test_probabilities: the classifier's test-set probabilities if the caller has them
-            (see `features.whole_model_test_probabilities`); else the classifier predicts.
+        history: the `History` that `fit` returned (or a list of them, one per phase).
+        test_predictions: the model's outputs on `dataset.x_test`, in order (N_test, classes).
+        settings: `config.settings` (script, hyperparameters, data, weights...), for metrics.json.
+        notes: more entries for metrics.json (the API, the strategy...).
 
     Returns:
         The metrics dict that was written to metrics.json.
     """
-    verbose = 0 if config.quiet else "auto"
-    with run.timed("evaluation"):
-        probabilities = test_probabilities
-        if probabilities is None:
-            probabilities = predict_test_set(classifier, dataset, config.batch_size, verbose)
-    predicted = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
     labels = dataset.y_test
+    probabilities, test_loss = probabilities_and_loss(model, labels, test_predictions)
+    predicted = probabilities.argmax(axis=1)
     names = list(dataset.class_names)
-    label_ids = list(range(len(names)))
-
     report_text = sk_metrics.classification_report(
-        labels, predicted, labels=label_ids, target_names=names, digits=4, zero_division=0
+        labels, predicted, labels=range(len(names)), target_names=names, digits=4, zero_division=0
     )
     report = sk_metrics.classification_report(
-        labels, predicted, labels=label_ids, target_names=names, output_dict=True, zero_division=0
+        labels, predicted, labels=range(len(names)), target_names=names, output_dict=True, zero_division=0
     )
     (run.path / "classification_report.txt").write_text(
         f"{run.script_name}: test set, {len(labels)} images, model {models.MODEL_FILE_NAME}\n\n{report_text}"
     )
-    _write_predictions(run.path / "predictions.csv", labels, predicted, confidence, names)
+    _write_predictions(run.path / "predictions.csv", labels, predicted, probabilities.max(axis=1), names)
 
     histories = history if isinstance(history, list) else [history]
     epochs = {key: [value for h in histories for value in h.history.get(key, [])]
-              for key in ("loss", "val_loss", "accuracy", "val_accuracy")}
+              for key in sorted({key for h in histories for key in h.history})}
     phase_starts = list(np.cumsum([len(h.history.get("loss", [])) for h in histories])[:-1])
     _write_history(run.path / "history.csv", histories)
-    run_title = f"{run.script_name}: {run.final_path.name}"
-    plot_loss(run.path / "loss_plot.png", epochs, run_title, phase_starts)
+    title = f"{run.script_name}: {run.final_path.name}"
+    accuracy = float(np.mean(predicted == labels))
+    plot_loss(run.path / "loss_plot.png", epochs, title, phase_starts)
     counts, normalised = confusion_matrices(labels, predicted, len(names))
-    plot_confusion_matrix(
-        run.path / "confusion_matrix.png", counts, normalised, names,
-        f"{run_title}, test accuracy {float(np.mean(predicted == labels)):.2%}",
-    )
-    areas = plot_pr_and_roc_curves(run.path, probabilities, labels, names, run_title)
-    plot_confident_mistakes(run.path / "mistakes.png", dataset.x_test, labels, probabilities, names, run_title)
-    if classifier.optimizer is not None and not classifier.optimizer.built:
+    plot_confusion_matrix(run.path / "confusion_matrix.png", counts, normalised, names,
+                          f"{title}, test accuracy {accuracy:.2%}")
+    areas = plot_pr_and_roc_curves(run.path, probabilities, labels, names, title)
+    plot_confident_mistakes(run.path / "mistakes.png", dataset.x_test, labels, probabilities, names, title)
+    if model.optimizer is not None and not model.optimizer.built:
         # A compiled-only model's optimizer has no state yet; building it makes the saved
         # state match what load_model rebuilds, which otherwise warns on every reload.
-        classifier.optimizer.build(classifier.trainable_variables)
-    classifier.save(run.path / models.MODEL_FILE_NAME)
+        model.optimizer.build(model.trainable_variables)
+    model.save(run.path / models.MODEL_FILE_NAME)
 
-    trainable, total = models.count_parameters(classifier)
-    best_epoch = int(np.argmin(epochs["val_loss"])) if epochs["val_loss"] else None
+    trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)  # Keras counts only the total
+    validation_losses = epochs.get("val_loss", [])
     metrics = {
         "script": run.script_name,
         "run": run.final_path.name,
-        "test_accuracy": float(np.mean(predicted == labels)),
-        "test_loss": cross_entropy(probabilities, labels),
+        "test_accuracy": accuracy,
+        "test_loss": test_loss,
         "macro_f1": float(report["macro avg"]["f1-score"]),
         "per_class": {
             name: {
@@ -105,29 +97,28 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
                 "recall": float(report[name]["recall"]),
                 "f1": float(report[name]["f1-score"]),
                 "support": int(report[name]["support"]),
-                "average_precision": areas[name]["average_precision"],
-                "roc_auc": areas[name]["roc_auc"],
+                **areas[name],
             }
             for name in names
         },
-        "best_val_accuracy": float(max(epochs["val_accuracy"])) if epochs["val_accuracy"] else None,
-        "best_val_loss": float(min(epochs["val_loss"])) if epochs["val_loss"] else None,
-        "best_epoch": None if best_epoch is None else best_epoch + 1,
-        "epochs_run": len(epochs["loss"]),
+        "best_val_accuracy": float(max(epochs["val_accuracy"])) if epochs.get("val_accuracy") else None,
+        "best_val_loss": float(min(validation_losses)) if validation_losses else None,
+        "best_epoch": int(np.argmin(validation_losses)) + 1 if validation_losses else None,
+        "epochs_run": len(epochs.get("loss", [])),
         "seconds": {**{k: round(v, 2) for k, v in run.seconds.items()}, "total": round(run.elapsed(), 2)},
-        "hyperparameters": config.hyperparameters,
-        "seed": config.seed,
-        "subset": config.subset,
-        "mixed_precision": config.mixed_precision,
+        "hyperparameters": settings["hyperparameters"],
+        "seed": settings["hyperparameters"].get("SEED"),
+        "subset": settings["subset"],
+        "mixed_precision": settings["mixed_precision"],
         "data": dataset.summary(),
-        "weights": weights.source,
-        "model": {"name": classifier.name, "trainable_parameters": trainable, "total_parameters": total},
-        "environment": {**runs.environment(), "variable_placement": distribute.variable_placement(classifier)},
+        "weights": settings["weights"],
+        "model": {"name": model.name, "trainable_parameters": trainable, "total_parameters": model.count_params()},
+        "environment": {**runs.environment(), "variable_placement": distribute.variable_placement(model)},
         "confusion_matrix": {"counts": counts.tolist(), "normalised_by_true_class": normalised.tolist()},
-        **(extra or {}),
+        **(notes or {}),
     }
     (run.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_report_markdown(run.path / "report.md", metrics, report_text, run_title)
+    write_report_markdown(run.path / "report.md", metrics, report_text, title)
     final_path = run.finish()
     print(f"Run folder: {final_path}")
     print(f"Test accuracy: {metrics['test_accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f}, "
@@ -136,10 +127,7 @@ def finish_run(run, classifier, dataset, history, config, weights, extra=None, t
 
 
 def _write_history(path, histories):
-    """history.csv from the histories, one row per epoch in order (phases numbered from 1).
-
-    Rewrites the CSVLogger's live file, which repeats epochs where a run was interrupted
-    and resumed."""
+    """history.csv, one row per epoch in order, phases numbered from 1."""
     keys = sorted({key for h in histories for key in h.history})
     rows = [",".join(["epoch", "phase", *keys])]
     epoch = 0
@@ -160,13 +148,17 @@ def _write_predictions(path, labels, predicted, confidence, names):
 
 
 def plot_loss(path, epochs, title, phase_starts=()):
-    """Training and validation loss (left) and accuracy (right) per epoch.
+    """One panel per figure the model was compiled with (loss first, then each metric), each
+    with its training and validation curves per epoch; later phases marked with dashed lines.
 
-    `phase_starts` are the numbers of epochs done before each later phase began; each is
-    marked with a dashed line.
+    Args:
+        epochs: {"loss": [...], "val_loss": [...], "accuracy": [...], ...} over every epoch.
+        phase_starts: the numbers of epochs done before each later phase began.
     """
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axes, key, label in ((loss_axes, "loss", "cross-entropy loss"), (accuracy_axes, "accuracy", "accuracy")):
+    figures = ["loss", *sorted(key for key in epochs if not key.startswith("val_") and key not in
+                                ("loss", "learning_rate"))]
+    figure = Figure(figsize=(5.5 * len(figures), 4.2))
+    for axes, key in zip(np.atleast_1d(figure.subplots(1, len(figures))), figures):
         for prefix, name in (("", "training"), ("val_", "validation")):
             values = epochs.get(prefix + key) or []
             axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
@@ -176,15 +168,13 @@ def plot_loss(path, epochs, title, phase_starts=()):
                           va="top", fontsize=8, color="grey")
         axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
-        axes.set_ylabel(label)
+        axes.set_ylabel(key.replace("_", " "))
+        axes.set_title(key.replace("_", " ").capitalize())
         axes.grid(alpha=0.3)
         axes.legend()
-    loss_axes.set_title("Loss")
-    accuracy_axes.set_title("Accuracy")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def confusion_matrices(labels, predicted, num_classes):
@@ -194,32 +184,19 @@ def confusion_matrices(labels, predicted, num_classes):
     return counts, counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
 
 
-def plot_confusion_matrix(path, matrix, normalised, class_names, title):
+def plot_confusion_matrix(path, counts, normalised, class_names, title):
     """Counts (left) and rows normalised to recall (right); rows are true classes."""
     size = max(5.0, 0.55 * len(class_names) + 2.5)
-    figure, panels = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    for axes, values, subtitle, fmt in (
-        (panels[0], matrix, "counts", "d"),
-        (panels[1], normalised, "normalised by true class", ".2f"),
-    ):
-        image = axes.imshow(values, cmap="Blues")
-        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-        ticks = np.arange(len(class_names))
-        axes.set_xticks(ticks, class_names, rotation=45, ha="right")
-        axes.set_yticks(ticks, class_names)
-        axes.set_xlabel("predicted class")
-        axes.set_ylabel("true class")
+    figure = Figure(figsize=(2 * size + 1, size))
+    for axes, values, subtitle, value_format in zip(figure.subplots(1, 2), (counts, normalised),
+                                                     ("counts", "normalised by true class"), ("d", ".2f")):
+        display = sk_metrics.ConfusionMatrixDisplay(values, display_labels=class_names)
+        display.plot(ax=axes, cmap="Blues", xticks_rotation=45, values_format=value_format,
+                     include_values=len(class_names) <= 20, text_kw={"fontsize": 7})
         axes.set_title(subtitle)
-        if len(class_names) <= 20:
-            threshold = values.max() / 2 if values.max() else 1
-            for row in range(len(class_names)):
-                for column in range(len(class_names)):
-                    axes.text(column, row, format(values[row, column], fmt), ha="center", va="center", fontsize=7,
-                              color="white" if values[row, column] > threshold else "black")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def plot_pr_and_roc_curves(folder, probabilities, labels, class_names, title):
@@ -229,43 +206,28 @@ def plot_pr_and_roc_curves(folder, probabilities, labels, class_names, title):
         dict class name -> {"average_precision", "roc_auc"} (None for a class absent from the labels).
     """
     areas = {}
-    figures = {kind: plt.subplots(figsize=(7.5, 6)) for kind in ("pr", "roc")}
-    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    pr_figure, roc_figure = Figure(figsize=(7.5, 6)), Figure(figsize=(7.5, 6))
+    pr_axes, roc_axes = pr_figure.subplots(), roc_figure.subplots()
+    present = [index for index in range(len(class_names)) if 0 < np.sum(labels == index) < len(labels)]
     for index, name in enumerate(class_names):
-        truth = labels == index
-        scores = probabilities[:, index]
-        if not truth.any() or truth.all():
+        if index not in present:
             areas[name] = {"average_precision": None, "roc_auc": None}
             continue
-        precision, recall, _ = sk_metrics.precision_recall_curve(truth, scores)
-        false_positive_rate, true_positive_rate, _ = sk_metrics.roc_curve(truth, scores)
-        areas[name] = {
-            "average_precision": float(sk_metrics.average_precision_score(truth, scores)),
-            "roc_auc": float(sk_metrics.auc(false_positive_rate, true_positive_rate)),
-        }
-        colour = colours(index % colours.N)
-        figures["pr"][1].plot(recall, precision, color=colour,
-                              label=f"{name} (AP {areas[name]['average_precision']:.3f})")
-        figures["roc"][1].plot(false_positive_rate, true_positive_rate, color=colour,
-                               label=f"{name} (AUC {areas[name]['roc_auc']:.3f})")
-    pr_axes, roc_axes = figures["pr"][1], figures["roc"][1]
-    roc_axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
-    for axes, x_label, y_label, subtitle in (
-        (pr_axes, "recall", "precision", "Precision-recall per class (test set)"),
-        (roc_axes, "false positive rate", "true positive rate", "ROC per class, one vs rest (test set)"),
-    ):
+        truth, scores = labels == index, probabilities[:, index]
+        pr = sk_metrics.PrecisionRecallDisplay.from_predictions(truth, scores, name=name, ax=pr_axes)
+        roc = sk_metrics.RocCurveDisplay.from_predictions(truth, scores, name=name, ax=roc_axes,
+                                                          plot_chance_level=index == present[-1])
+        areas[name] = {"average_precision": float(pr.average_precision), "roc_auc": float(roc.roc_auc)}
+    for axes, subtitle, corner in ((pr_axes, "Precision-recall per class (test set)", "lower left"),
+                                   (roc_axes, "ROC per class, one vs rest (test set)", "lower right")):
         axes.set_xlim(0, 1)
         axes.set_ylim(0, 1.02)
-        axes.set_xlabel(x_label)
-        axes.set_ylabel(y_label)
         axes.set_title(f"{subtitle}\n{title}", fontsize=10)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8, loc="lower left" if axes is pr_axes else "lower right")
-    for kind, file_name in (("pr", "pr_curves.png"), ("roc", "roc_curves.png")):
-        figure = figures[kind][0]
+        axes.legend(fontsize=8, loc=corner)
+    for figure, file_name in ((pr_figure, "pr_curves.png"), (roc_figure, "roc_curves.png")):
         figure.tight_layout()
         figure.savefig(folder / file_name, dpi=110)
-        plt.close(figure)
     return areas
 
 
@@ -278,7 +240,8 @@ def plot_confident_mistakes(path, images, labels, probabilities, class_names, ti
     predicted = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
     rows = len(class_names)
-    figure, grid = plt.subplots(rows, per_class, figsize=(1.9 * per_class + 1.4, 1.75 * rows + 0.8), squeeze=False)
+    figure = Figure(figsize=(1.9 * per_class + 1.4, 1.75 * rows + 0.8))
+    grid = figure.subplots(rows, per_class, squeeze=False)
     for row, name in enumerate(class_names):
         wrong = np.flatnonzero((labels == row) & (predicted != row))
         wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:per_class]
@@ -294,12 +257,10 @@ def plot_confident_mistakes(path, images, labels, probabilities, class_names, ti
                 axes.set_title(f"{class_names[predicted[index]]} {confidence[index]:.0%}\n(test #{index})",
                                fontsize=7.5, color="firebrick")
         grid[row, 0].set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
-        grid[row, 0].yaxis.set_visible(True)
     figure.suptitle(f"Most confident mistakes per true class (row): predicted class and probability\n{title}",
                     fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def write_report_markdown(path, metrics, report_text, title):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import keras
 
-from vgg_transfer import data, distribute, model as models
+from vgg_transfer import distribute
 from vgg_transfer.errors import InputError
 
 
@@ -47,6 +47,8 @@ class Run:
     """
 
     def __init__(self, out_dir, script_name, resume_key=None):
+        global current_run
+        current_run = self  # for the Ctrl-C message (see `cli.run`)
         self.script_name = script_name
         self.resume_key = resume_key
         self.parent = Path(out_dir) / script_name
@@ -129,15 +131,20 @@ def _resume_key_of(partial_path):
         return None
 
 
-def resume_key(config, script_name):
-    """A digest of what makes two commands the same run: script, backend, hyperparameters,
-    data, weights, subset, precision and device count (not --out or --quiet)."""
-    same_run = {
-        "script": script_name, "backend": keras.config.backend(), "hyperparameters": config.hyperparameters,
-        "data": str(config.data), "weights": str(config.weights), "subset": config.subset,
-        "mixed_precision": config.mixed_precision, "replicas": distribute.replicas,
+def settings(script_name, hyperparameters, data, weights_source, subset, mixed_precision):
+    """What makes a run what it is, for metrics.json and the resume key: the script, its
+    resolved hyperparameters, the data, weights, subset, precision, backend and device count."""
+    return {
+        "script": script_name, "hyperparameters": hyperparameters, "data": str(data), "weights": weights_source,
+        "subset": subset, "mixed_precision": mixed_precision, "backend": keras.config.backend(),
+        "replicas": distribute.replicas,
     }
-    return hashlib.sha1(json.dumps(same_run, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def resume_key(run_settings):
+    """A digest of `settings`: two commands with the same one are the same run (--out and
+    --quiet play no part), so the second continues the first if it was interrupted."""
+    return hashlib.sha1(json.dumps(run_settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 # The run in progress, for the Ctrl-C message (see `cli.run`).
@@ -190,28 +197,3 @@ def set_precision(mixed_precision):
     """bfloat16 compute with float32 weights, or float32 throughout; call before building models.
     bfloat16 needs no loss scaling, unlike float16."""
     keras.config.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
-
-
-def prepare(config, script_name):
-    """What every script does first: check the output folder and the weights, then load the data.
-
-    Bad input is found here, before anything expensive, and raises `InputError`.
-
-    Returns:
-        (run, weights, dataset): the `Run` (its folder appears with its first file), the
-        resolved `model.Weights`, and the `data.Dataset` (its loading timed as "data").
-    """
-    check_writable(config.out)
-    data.locate(config.data)  # a data path that is not there is named before any download
-    weights = models.resolve_weights(config.weights)
-    if weights.keras_argument is not None:  # a bad weights file stops here, before the data loads
-        models.build_vgg16_base(weights, models.MIN_IMAGE_SIZE)
-    set_precision(config.mixed_precision)
-    distribute.configure(config)  # before any model is built
-    global current_run
-    run = current_run = Run(config.out, script_name, resume_key(config, script_name))
-    with run.timed("data"):
-        dataset = distribute.whole_batches(
-            data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
-        )
-    return run, weights, dataset

@@ -1,166 +1,98 @@
-"""Training with the project's standard callbacks, all of which watch validation figures,
-resumable after an interruption (Ctrl-C, SIGKILL, a power cut) from the last completed epoch."""
+"""The project's own training callback, resumption after an interruption, and the cosine schedule.
+
+Keras's `BackupAndRestore` keeps the weights, the optimizer and the epoch number after every
+epoch; `ResumeAfterInterruption` adds what it does not keep, so that rerunning the same
+command after Ctrl-C, a SIGKILL or a power cut continues the run as if nothing had happened.
+"""
 
 import json
 import math
 import os
 import signal
+import time
 
 import keras
 
 from vgg_transfer.errors import InputError
 
 
-def standard_callbacks(run, config, phase=None, monitor="val_loss", epochs=None, initial_learning_rate=None):
-    """Early stopping (best weights restored), checkpoint, learning-rate reduction, CSV log.
-
-    Args:
-        run: the `runs.Run` being written (checkpoint and history go into its folder).
-        config: uses `early_stopping_patience`, `lr_schedule`, and for the "plateau"
-            schedule `reduce_lr_patience` and `reduce_lr_factor`.
-        phase: None for one-phase training, else a name ("phase_2") for the checkpoint file;
-            history.csv is appended to, so it holds every phase in order.
-        monitor: a validation figure; never a test figure.
-        epochs, initial_learning_rate: the phase's length and starting rate, for "cosine".
-
-    Returns:
-        The callbacks in this order: early stopping, checkpoint, learning-rate callback,
-        CSV logger, NaN guard (`fit` relies on the first three).
-    """
-    checkpoint_dir = run.path / "checkpoints"
-    checkpoint_dir.mkdir(exist_ok=True)
-    checkpoint_name = "best.keras" if phase is None else f"best_{phase}.keras"
-    return [
-        keras.callbacks.EarlyStopping(
-            monitor=monitor, patience=config.early_stopping_patience, restore_best_weights=True, verbose=1
-        ),
-        keras.callbacks.ModelCheckpoint(checkpoint_dir / checkpoint_name, monitor=monitor, save_best_only=True),
-        learning_rate_callback(config, monitor, epochs, initial_learning_rate),
-        keras.callbacks.CSVLogger(run.path / "history.csv", append=True),
-        keras.callbacks.TerminateOnNaN(),
-    ]
-
-
-def learning_rate_callback(config, monitor, epochs, initial_learning_rate):
-    """How the learning rate falls during a phase, by `config.lr_schedule` (see cli.CHOICES):
-
-    - "plateau": ReduceLROnPlateau multiplies it by `reduce_lr_factor` after `reduce_lr_patience`
-      epochs without a better validation figure;
-    - "cosine": it falls every epoch along half a cosine, from the compiled rate towards 0 at
-      the end of the phase's `epochs`, whatever the validation figures do. Steadier than
-      "plateau" when the validation loss is noisy, and it uses the whole epoch budget.
-    """
-    if config.lr_schedule == "cosine":
-        return keras.callbacks.LearningRateScheduler(
-            lambda epoch, _current: cosine_decay(initial_learning_rate, epoch, epochs)
-        )
-    return keras.callbacks.ReduceLROnPlateau(
-        monitor=monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience, verbose=1
-    )
-
-
-def cosine_decay(initial_learning_rate, epoch, epochs):
-    """The rate for `epoch` (0-based) of `epochs`: the initial rate at epoch 0, falling along
-    half a cosine towards 0 (reached one epoch after the last, so the last epoch still learns)."""
-    return float(initial_learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
-
-
-def fit(model, x, y, validation_data, run, config, epochs=None, phase=None):
-    """Trains `model` (already compiled) with `standard_callbacks`; returns the `History`.
-
-    Args:
-        x, y: training inputs and int labels.
-        validation_data: (x_val, y_val); required, because every callback watches it.
-        config: uses `epochs` (unless `epochs` is given), `batch_size`, `quiet` and what
-            `standard_callbacks` uses.
-        phase: see `standard_callbacks`.
-
-    The model ends with the weights of its best validation epoch. The state after every
-    epoch is kept in the run folder's resume/ (weights and optimizer by Keras's
-    BackupAndRestore; the epochs' figures and the callbacks' state by `ResumeState`), so
-    that rerunning the same command after an interruption continues from the last
-    completed epoch, and a phase that had completed is not trained again.
-
-    Raises:
-        TrainingDiverged: the loss became NaN or infinite (the best checkpoint is kept).
-    """
-    state_dir = run.path / "resume" / (phase or "training")
-    done_file = state_dir / "done.json"
-    if done_file.is_file():  # this phase completed before the interruption
-        model.load_weights(state_dir / "final.weights.h5")
-        print(f"{phase or 'Training'}: completed before the interruption; its best weights are restored")
-        history = keras.callbacks.History()
-        history.history = json.loads(done_file.read_text())
-        return history
-    epochs = epochs or config.epochs
-    # Read before training: on a resumed run, BackupAndRestore then restores a decayed rate.
-    initial_learning_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-    callbacks = standard_callbacks(run, config, phase, epochs=epochs, initial_learning_rate=initial_learning_rate)
-    resume_state = ResumeState(state_dir, *callbacks[:3])
-    callbacks += [resume_state, keras.callbacks.BackupAndRestore(state_dir / "backup", delete_checkpoint=False)]
-    if os.environ.get(SIMULATED_INTERRUPTION):
-        callbacks.append(_SimulatedInterruption(os.environ[SIMULATED_INTERRUPTION]))
-    with run.timed("training"):
-        history = model.fit(
-            x, y,
-            validation_data=validation_data,
-            epochs=epochs,
-            batch_size=config.batch_size,
-            callbacks=callbacks,
-            verbose=0 if config.quiet else "auto",
-        )
-    # Every epoch of this phase, the ones before an interruption included.
-    history.history = {key: [epoch[key] for epoch in resume_state.epochs if key in epoch]
-                       for key in resume_state.epochs[-1]} if resume_state.epochs else history.history
-    losses = history.history.get("loss", [])
-    if not all(math.isfinite(loss) for loss in losses):
-        run.forget_resume_state()  # a rerun must start afresh, not from the diverged weights
-        raise TrainingDiverged(
-            f"training stopped in epoch {len(losses)}: the loss became NaN or infinite; lower --learning-rate "
-            f"(now {float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)):.3g}) and run again. "
-            f"The best checkpoint so far is kept in {run.path / 'checkpoints'}"
-        )
-    model.save_weights(state_dir / "final.weights.h5")
-    done_file.write_text(json.dumps(history.history))
-    return history
+def cosine_decay(initial_learning_rate, epochs):
+    """For `keras.callbacks.LearningRateScheduler`: the rate falls every epoch along half a
+    cosine, from `initial_learning_rate` at the first epoch towards 0 one epoch after the last
+    (so the last epoch still learns). It depends on the epoch number alone, so a resumed run
+    stays on its curve."""
+    return lambda epoch: float(initial_learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
 
 
 class TrainingDiverged(InputError):
     """The loss became NaN or infinite: a hyperparameter (usually the learning rate) is off."""
 
 
-class ResumeState(keras.callbacks.Callback):
-    """What BackupAndRestore does not keep, kept after every epoch and restored on resume:
-    every epoch's figures, and the state of early stopping, the best-only checkpoint and
-    ReduceLROnPlateau (so a resumed run still knows its best epoch and weights). A cosine
-    schedule has no state: it depends on the epoch number alone, which BackupAndRestore keeps.
+class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
+    """Keras's `BackupAndRestore`, plus what it leaves out, kept in the run folder after every
+    epoch and restored when the same command runs again:
 
-    Place it after those callbacks and before BackupAndRestore (see `fit`).
+    - the state of the `EarlyStopping`, `ModelCheckpoint` and `ReduceLROnPlateau` callbacks in
+      `callbacks` (best figure, epochs waited, best weights), so a resumed run still knows its
+      best epoch and when to stop or lower the rate;
+    - every epoch's figures, so the `History` that `fit` returns covers the whole phase;
+    - that a phase completed: rerunning it restores its final weights and trains nothing.
+
+    Also: a NaN or infinite loss (see `TerminateOnNaN`) raises `TrainingDiverged` with one
+    line and makes a rerun start afresh; the training time goes into `run.seconds`.
+
+    Args:
+        run: the `runs.Run`; the state lives in its `resume/<phase>/` folder.
+        callbacks: the other callbacks of this `fit`; put this one after them.
+        phase: a name for the phase, for runs that train in several.
     """
 
-    def __init__(self, state_dir, early_stopping, checkpoint, learning_rate_callback):
-        super().__init__()
-        self.state_file = state_dir / "state.json"
-        self.backup_metadata = state_dir / "backup" / "training_metadata.json"  # written by BackupAndRestore
-        # Each callback with the attributes that make up its state.
-        self.kept = [(early_stopping, ("wait", "best", "best_epoch")), (checkpoint, ("best",))]
-        if isinstance(learning_rate_callback, keras.callbacks.ReduceLROnPlateau):
-            self.kept.append((learning_rate_callback, ("wait", "best", "cooldown_counter")))
-        self.early_stopping, self.checkpoint = early_stopping, checkpoint
+    def __init__(self, run, callbacks, phase="training"):
+        self.state_dir = run.path / "resume" / phase
+        super().__init__(str(self.state_dir / "backup"), delete_checkpoint=False)
+        self.run, self.phase = run, phase
+        self.kept = []  # (callback, the attributes that make up its state)
+        for callback in callbacks:
+            if isinstance(callback, keras.callbacks.EarlyStopping):
+                self.kept.append((callback, ("wait", "best", "best_epoch")))
+            elif isinstance(callback, keras.callbacks.ModelCheckpoint):
+                self.kept.append((callback, ("best",)))
+            elif isinstance(callback, keras.callbacks.ReduceLROnPlateau):
+                self.kept.append((callback, ("wait", "best", "cooldown_counter")))
+        self.early_stopping = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+        self.checkpoint = next((c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None)
         self.epochs = []
+        self.completed_before = None
+
+    @property
+    def _state_file(self):
+        return self.state_dir / "state.json"
+
+    @property
+    def _done_file(self):
+        return self.state_dir / "done.json"
 
     def on_train_begin(self, logs=None):
-        if not (self.state_file.is_file() and self.backup_metadata.is_file()):
+        self._started = time.perf_counter()
+        if self._done_file.is_file():  # this phase completed before the interruption
+            self.model.load_weights(self.state_dir / "final.weights.h5")
+            self.completed_before = json.loads(self._done_file.read_text())
+            self.model._initial_epoch = self.params["epochs"]  # as BackupAndRestore does: no epoch left
+            print(f"{self.phase}: completed before the interruption; its final weights are restored")
             return
-        state = json.loads(self.state_file.read_text())
-        completed = json.loads(self.backup_metadata.read_text())["epoch"]  # what the weights are from
+        super().on_train_begin(logs)  # the weights, the optimizer and the epoch to continue from
+        metadata = self.state_dir / "backup" / "training_metadata.json"
+        if not (self._state_file.is_file() and metadata.is_file()):
+            return
+        state = json.loads(self._state_file.read_text())
+        completed = json.loads(metadata.read_text())["epoch"]
         if len(state["epochs"]) != completed:
             return  # killed between the two saves: start the bookkeeping afresh rather than guess
         self.epochs = state["epochs"]
         for callback, names in self.kept:
             for name in names:
                 setattr(callback, name, state[type(callback).__name__][name])
-        if self.checkpoint.filepath and os.path.isfile(self.checkpoint.filepath):
+        if self.early_stopping and self.checkpoint and os.path.isfile(self.checkpoint.filepath):
             best = keras.saving.load_model(self.checkpoint.filepath, compile=False)
             self.early_stopping.best_weights = best.get_weights()
         print(f"Resuming after epoch {completed} of the interrupted run")
@@ -170,10 +102,32 @@ class ResumeState(keras.callbacks.Callback):
         state = {"epochs": self.epochs}
         for callback, names in self.kept:
             state[type(callback).__name__] = {name: _plain(getattr(callback, name)) for name in names}
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.state_file.with_suffix(".tmp")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self._state_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(state))
-        os.replace(temporary, self.state_file)
+        os.replace(temporary, self._state_file)
+        super().on_epoch_end(epoch, logs)  # the weights and the optimizer, then the epoch number
+        _interrupt_if_asked()
+
+    def on_train_end(self, logs=None):
+        self.run.seconds["training"] = self.run.seconds.get("training", 0.0) + time.perf_counter() - self._started
+        history = self.completed_before or {key: [epoch[key] for epoch in self.epochs if key in epoch]
+                                            for key in (self.epochs[-1] if self.epochs else {})}
+        # What fit returns: every epoch of the phase, the ones before an interruption too.
+        self.model.history = keras.callbacks.History()
+        self.model.history.history, self.model.history.params = history, self.params
+        if self.completed_before is not None:
+            return
+        losses = history.get("loss", [])
+        if not all(math.isfinite(loss) for loss in losses):
+            self.run.forget_resume_state()  # a rerun must start afresh, not from the diverged weights
+            rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            raise TrainingDiverged(
+                f"training stopped in epoch {len(losses)}: the loss became NaN or infinite; lower --learning-rate "
+                f"(now {rate:.3g}) and run again. The best checkpoint so far is kept in {self.run.path / 'checkpoints'}"
+            )
+        self.model.save_weights(self.state_dir / "final.weights.h5")  # the best epoch's, after EarlyStopping
+        self._done_file.write_text(json.dumps(history))
 
 
 def _plain(value):
@@ -181,37 +135,16 @@ def _plain(value):
     return int(value) if value.is_integer() and abs(value) < 2**53 else value
 
 
-# For the interruption tests: "EPOCH:SIGNAL" (e.g. "2:SIGKILL") sends the signal to this
-# process at the end of its EPOCH-th epoch (counted over every phase, so "3:SIGINT" with a
-# 2-epoch phase 1 interrupts phase 2's first epoch), once the epoch's state is saved.
+# For the interruption tests: "EPOCH:SIGNAL" (e.g. "3:SIGKILL") sends the signal to this
+# process at the end of its EPOCH-th epoch, counted over every phase (so "3:SIGINT" after a
+# 2-epoch phase 1 interrupts phase 2's first epoch), once that epoch's state is saved.
 SIMULATED_INTERRUPTION = "VGG_TRANSFER_INTERRUPT_AFTER_EPOCH"
+epochs_completed_in_this_process = 0
 
 
-class _SimulatedInterruption(keras.callbacks.Callback):
-    epochs_completed = 0  # in this process, over every phase
-
-    def __init__(self, spec):
-        super().__init__()
-        epoch, name = spec.split(":")
-        self.epoch, self.signal = int(epoch), getattr(signal, name)
-
-    def on_epoch_end(self, epoch, logs=None):
-        _SimulatedInterruption.epochs_completed += 1
-        if _SimulatedInterruption.epochs_completed == self.epoch:
-            os.kill(os.getpid(), self.signal)
-
-
-def compile_classifier(model, learning_rate=1e-3, optimizer=None):
-    """Compiles a softmax classifier on integer labels: cross-entropy loss, accuracy metric.
-
-    Args:
-        learning_rate: for the default optimizer, Adam.
-        optimizer: another optimizer instance instead of Adam.
-
-    Every model of the project is compiled here, so every saved model evaluates the same way.
-    """
-    model.compile(
-        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+def _interrupt_if_asked():
+    global epochs_completed_in_this_process
+    epochs_completed_in_this_process += 1
+    spec = os.environ.get(SIMULATED_INTERRUPTION)
+    if spec and int(spec.split(":")[0]) == epochs_completed_in_this_process:
+        os.kill(os.getpid(), getattr(signal, spec.split(":")[1]))
