@@ -18,13 +18,15 @@ when AUGMENT is on; the saved model leaves the augmentation out.
 import sys
 
 # The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, data, distribute, models, reporting, runs, training
+from vgg_transfer import cli, data, devices, distribute, models, reporting, runs, training
 from vgg_transfer.errors import InputError
 
 import keras
 from keras import layers
 
 # Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
+# Where a GPU and a CPU want different values, HARDWARE chooses: "gpu" where Keras sees a GPU.
+HARDWARE = devices.hardware()
 MODEL = "small_cnn"  # or "vgg11_bn", "vgg16_bn"
 EPOCHS = 30  # at most; early stopping may end training sooner
 BATCH_SIZE = 128
@@ -120,6 +122,7 @@ def main(config):
         if config.lr_schedule == "plateau" else
         keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
         keras.callbacks.TerminateOnNaN(),
+        training.WallTimeEstimate(),  # prints about how long training will take
     ]
     callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
     history = trained.fit(dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),

@@ -19,13 +19,15 @@ augmented images, at LEARNING_RATE (slow without a GPU).
 import sys
 
 # The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, data, distribute, features, models, reporting, runs, training
+from vgg_transfer import cli, data, devices, distribute, features, models, reporting, runs, training
 from vgg_transfer.errors import InputError
 
 import keras
 from keras import layers
 
 # Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
+# Where a GPU and a CPU want different values, HARDWARE chooses: "gpu" where Keras sees a GPU.
+HARDWARE = devices.hardware()
 EPOCHS = 10  # at most; early stopping may end training sooner
 BATCH_SIZE = 256
 LEARNING_RATE = 1e-3  # Adam's
@@ -110,6 +112,7 @@ def main(config):
         if config.lr_schedule == "plateau" else
         keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
         keras.callbacks.TerminateOnNaN(),
+        training.WallTimeEstimate(),  # prints about how long training will take
     ]
     callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
     history = trained.fit(x_train, dataset.y_train, validation_data=(x_val, dataset.y_val),

@@ -16,12 +16,14 @@ as a functional graph in `model.keras`, which plain Keras loads anywhere.
 import sys
 
 # The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, data, features, models, reporting, runs, training
+from vgg_transfer import cli, data, devices, features, models, reporting, runs, training
 
 import keras
 from keras import layers
 
 # Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
+# Where a GPU and a CPU want different values, HARDWARE chooses: "gpu" where Keras sees a GPU.
+HARDWARE = devices.hardware()
 EPOCHS = 8  # at most; early stopping may end training sooner
 BATCH_SIZE = 512
 LEARNING_RATE = 1e-3  # Adam's
@@ -103,6 +105,7 @@ def main(config):
         if config.lr_schedule == "plateau" else
         keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
         keras.callbacks.TerminateOnNaN(),
+        training.WallTimeEstimate(),  # prints about how long training will take
     ]
     callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
     history = head.fit(cached["train"], dataset.y_train, validation_data=(cached["val"], dataset.y_val),

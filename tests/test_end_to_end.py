@@ -167,3 +167,60 @@ def test_predict_classifies_any_image_and_reports_unreadable_ones(pretrained_run
         first = next(csv.DictReader(file))
     assert predictions["test0.png"][0]["class"] == first["predicted_class"]
     assert predictions["test0.png"][0]["probability"] == pytest.approx(float(first["confidence"]), abs=1e-4)
+
+
+# Loads a saved model with plain Keras, in a process that cannot import this project (run
+# with `python -I` from another folder), and prints its predictions for the PNG files given.
+PLAIN_KERAS = """
+import json, sys
+import keras, numpy as np
+from PIL import Image
+model = keras.saving.load_model(sys.argv[1])
+images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in sys.argv[2:]])
+print(json.dumps(model.predict(images, verbose=0).tolist()))
+"""
+
+
+def plain_keras_predictions(model_file, image_files, cwd, backend="tensorflow"):
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "KERAS_BACKEND": backend, "CUDA_VISIBLE_DEVICES": ""}
+    environment.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-I", "-c", PLAIN_KERAS, str(model_file), *map(str, image_files)],
+                            capture_output=True, text=True, cwd=cwd, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.array(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_the_saved_model_loads_in_plain_keras_and_predicts_what_predict_py_does(pretrained_run, test_set,
+                                                                                 tmp_path, backend):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    files = []
+    for index in range(6):
+        files.append(tmp_path / f"test{index}.png")
+        Image.fromarray(test_set.x_test[index]).save(files[-1])
+    script = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "predict.py"), *map(str, files),
+                             "--model", str(pretrained_run), "--json", "--top", "10"],
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0, script.stderr[-2000:]
+    names = list(test_set.class_names)
+    expected = np.zeros((len(files), len(names)))
+    for row, item in enumerate(json.loads(script.stdout)["predictions"]):
+        for entry in item["top"]:
+            expected[row, names.index(entry["class"])] = entry["probability"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    plain = plain_keras_predictions(pretrained_run / "model.keras", files, elsewhere, backend)
+    # The same model, here on another backend: equal up to the backends' float arithmetic.
+    np.testing.assert_allclose(plain, expected, atol=1e-6 if backend == "tensorflow" else 1e-4)
+    assert (plain.argmax(axis=1) == expected.argmax(axis=1)).all()

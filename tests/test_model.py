@@ -205,7 +205,7 @@ def test_feature_cache_is_rebuilt_when_the_cut_the_image_size_or_the_precision_c
         assert not from_cache  # bfloat16 features are not the float32 ones
     finally:
         keras.config.set_dtype_policy("float32")
-    assert len(list(tmp_path.glob("features-*.npz"))) == 4
+    assert len(list(tmp_path.glob("features-*.npy"))) == 4
 
 
 def test_a_head_that_disagrees_with_the_whole_model_falls_back_to_whole_model_predictions():
@@ -252,3 +252,14 @@ def test_benchmark_measures_a_tiny_size(tmp_path):
         assert figures["tflops"] * 1e12 == pytest.approx(achieved, rel=1e-6)
         assert figures["fraction_of_peak"] == pytest.approx(achieved / peak, rel=1e-6)
         assert 0 < figures["fraction_of_peak"] < 2  # no device runs VGG16 far above its matrix-product peak
+
+
+@pytest.mark.parametrize("name", ["functional", "subclassed"])
+def test_models_saved_by_earlier_versions_still_load_through_the_project(name):
+    from conftest import PROJECT_ROOT
+
+    folder = PROJECT_ROOT / "tests" / "data"
+    model, class_names, side = models.load_saved_classifier(folder / f"legacy_{name}.keras")
+    with np.load(folder / "legacy_predictions.npz") as saved:
+        assert side == {"functional": 24, "subclassed": 32}[name] and len(class_names) == 3  # subclassed: its IMAGE_SIZE
+        np.testing.assert_allclose(model.predict(saved["images"], verbose=0), saved[name], atol=1e-6)

@@ -13,6 +13,7 @@ import compare
 import fine_tune
 import transfer_learning_sequential
 import transfer_learning_subclassed
+from conftest import PROJECT_ROOT
 from vgg_transfer import cli, data, gradcam, models
 from vgg_transfer.errors import InputError
 
@@ -56,24 +57,33 @@ def sequential_runs(shared_data, tmp_path_factory):
                          "--epochs", "1", policy) for policy in ("--no-train-base", "--train-base")}
 
 
-# Quick two-phase runs: --no-augment on the plateau schedule, --augment on the cosine one.
+# Quick two-phase runs of both recipes on this CPU: "cached" is the CPU's (block 4's last
+# convolution trained on the cached activations of each image and its mirror image), with
+# test-time flip averaging; "images" has the GPU's structure (the model trained on augmented
+# images), at 32 px from block 5 and on the cosine schedule (each phase on its own curve).
 FINE_TUNE_QUICK = ["--epochs", "2", "--fine-tune-epochs", "2"]
+FINE_TUNE_RECIPES = {
+    "cached": ["--cache-frozen-blocks", "--feature-layer", "block4_pool", "--unfreeze-from", "block4_conv3",
+               "--test-time-flip", "--image-size", "32"],
+    "images": ["--no-cache-frozen-blocks", "--feature-layer", "block5_pool", "--unfreeze-from", "block5_conv1",
+               "--lr-schedule", "cosine", "--image-size", "32"],
+}
+TRAINED_LAYERS = {"cached": ["block4_conv3"], "images": ["block5_conv1", "block5_conv2", "block5_conv3"]}
 
 
 @pytest.fixture(scope="module")
 def fine_tune_runs(shared_data, tmp_path_factory):
-    """{augmentation flag: run folder}; with --augment on the cosine schedule (each phase on its own curve)."""
-    return {augment: _run(fine_tune, tmp_path_factory.mktemp("fine-tune"), shared_data, *FINE_TUNE_QUICK, augment,
-                          *(["--lr-schedule", "cosine"] if augment == "--augment" else []))
-            for augment in ("--no-augment", "--augment")}
+    """{recipe: run folder} for FINE_TUNE_RECIPES."""
+    return {recipe: _run(fine_tune, tmp_path_factory.mktemp("fine-tune"), shared_data, *FINE_TUNE_QUICK, *flags)
+            for recipe, flags in FINE_TUNE_RECIPES.items()}
 
 
 def _trainable_base_layers(model):
     return sorted({weight.path.split("/")[0] for weight in model.trainable_weights if weight.path.startswith("block")})
 
 
-def test_unfreezing_from_a_layer_that_is_no_block_boundary_is_rejected():
-    for name in ("block5_conv2", "block9_conv1", "dense"):
+def test_unfreezing_from_a_layer_that_is_no_convolution_is_rejected():
+    for name in ("block5_pool", "block9_conv1", "dense"):
         with pytest.raises(InputError, match=f"--unfreeze-from: invalid choice: '{name}'"):
             cli.parse_config("", cli.constants(vars(fine_tune)), ["--unfreeze-from", name])
 
@@ -120,9 +130,9 @@ def test_sequential_head_without_spatial_room_is_rejected_before_training(shared
     assert not list(tmp_path.glob("*/*"))
 
 
-@pytest.mark.parametrize("augment", ["--no-augment", "--augment"])
-def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(fine_tune_runs, shared_data, augment):
-    run_dir = fine_tune_runs[augment]
+@pytest.mark.parametrize("recipe", FINE_TUNE_RECIPES)
+def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(fine_tune_runs, shared_data, recipe):
+    run_dir = fine_tune_runs[recipe]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history = _history(run_dir)
     phase_1 = history[: metrics["phase_1_epochs"]]
@@ -130,20 +140,23 @@ def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(fine_tu
     # Phase 2 begins where phase 1's best epoch left off (augmentation is off in evaluation).
     best_phase_1 = min(float(row["val_loss"]) for row in phase_1)
     assert metrics["phase_2_start_val_loss"] == pytest.approx(best_phase_1, rel=1e-3)
-    assert metrics["phase_2_cached_lower_activations"] is (augment == "--no-augment")
-    if augment == "--augment":  # cosine: epoch 1 of each phase at its compiled rate, epoch 2 at half of it
-        np.testing.assert_allclose([float(row["learning_rate"]) for row in history], [1e-3, 5e-4, 1e-5, 5e-6])
+    assert metrics["hyperparameters"]["CACHE_FROZEN_BLOCKS"] is (recipe == "cached")
+    if recipe == "images":  # cosine: epoch 1 of each phase at its compiled rate, epoch 2 at half of it
+        np.testing.assert_allclose([float(row["learning_rate"]) for row in history], [1e-3, 5e-4, 1e-4, 5e-5])
+    else:  # test-time flip averaging, inside the saved model: the mirror images' predictions count
+        model = keras.saving.load_model(run_dir / "model.keras")
+        assert "mirror" in [layer.name for layer in model.layers]
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(fine_tune, shared_data))
-    assert _trainable_base_layers(model) == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert _trainable_base_layers(model) == TRAINED_LAYERS[recipe]
     assert (run_dir / "checkpoints" / "best_phase_2.keras").is_file()
-    # Phase 2 trained block 5 and left every layer below it as ImageNet had it.
+    # Phase 2 trained the unfrozen layers and left every layer below them as ImageNet had them.
     imagenet = _imagenet_weights(shared_data[1])
     saved = {weight.path: keras.ops.convert_to_numpy(weight) for weight in model.weights
              if weight.path.startswith("block")}
-    assert len(saved) == 26
+    assert len(saved) == (20 if recipe == "cached" else 26)  # cut after block 4, or after block 5
     for path, value in saved.items():
         layer, kind = path.split("/")
-        if layer.startswith("block5"):
+        if layer in TRAINED_LAYERS[recipe]:
             assert not np.allclose(value, imagenet[layer][kind]), path
         else:
             np.testing.assert_array_equal(value, imagenet[layer][kind], err_msg=path)
@@ -167,11 +180,10 @@ def test_a_completed_phase_is_not_trained_again_after_an_interruption(fine_tune_
                                                                        monkeypatch, capsys):
     from vgg_transfer import training
 
-    augment = "--no-augment"
-    uninterrupted = fine_tune_runs[augment]
+    uninterrupted = fine_tune_runs["cached"]
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), *QUICK, *FINE_TUNE_QUICK,
-            augment]
+            *FINE_TUNE_RECIPES["cached"]]
     monkeypatch.setattr(training, "epochs_completed_in_this_process", 0)
     monkeypatch.setenv(training.SIMULATED_INTERRUPTION, "3:SIGINT")  # Ctrl-C after phase 2's first epoch
     assert cli.run(fine_tune.main, vars(fine_tune), argv) == 130
@@ -316,3 +328,49 @@ def test_explore_data_draws_counts_samples_and_original_sizes(tmp_path):
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
     sizes = data.original_image_sizes(root)
     assert len(sizes) == 24 and len(set(sizes)) >= 2  # as stored, not as converted to 32x32
+
+
+@pytest.mark.parametrize("gpus, forced, expected", [
+    ([], None, "cpu"), (["/physical_device:GPU:0"], None, "gpu"), (["/physical_device:GPU:0"], "cpu", "cpu"),
+])
+def test_each_script_picks_its_recipe_by_the_devices_it_finds(monkeypatch, gpus, forced, expected):
+    """The GPU/CPU choice with the device list stubbed: the constants that depend on HARDWARE
+    take the GPU's or the CPU's value, and the run says which in one line."""
+    import importlib
+
+    from vgg_transfer import devices
+
+    monkeypatch.setattr(devices, "gpus", lambda: gpus)
+    if forced:
+        monkeypatch.setenv(devices.HARDWARE_VARIABLE, forced)
+    try:
+        script = importlib.reload(fine_tune)
+        assert script.HARDWARE == expected
+        on_gpu = expected == "gpu"
+        assert (script.IMAGE_SIZE, script.UNFREEZE_FROM, script.CACHE_FROZEN_BLOCKS) == (
+            (128, "block1_conv1", False) if on_gpu else (32, "block4_conv3", True))
+        line = cli.hardware_choice((PROJECT_ROOT / "src" / "fine_tune.py").read_text(), cli.constants(vars(script)))
+        assert line.startswith(f"Recipe for a {expected.upper()}: ") and f"IMAGE_SIZE={script.IMAGE_SIZE}" in line
+        config = cli.parse_config("", cli.constants(vars(script)), ["--image-size", "48"])
+        assert config.image_size == 48 and config.hyperparameters["HARDWARE"] == expected  # flags still override
+        assert config.mixed_precision is on_gpu  # bfloat16 by default with a GPU's recipe
+    finally:
+        monkeypatch.undo()
+        importlib.reload(fine_tune)  # this machine's recipe again, for the other tests
+
+
+def test_the_wall_time_estimate_is_printed_and_close_to_the_training_time(shared_data, tmp_path, capsys):
+    import re
+
+    import transfer_learning
+
+    archive, weights = shared_data
+    argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), "--subset", "2000",
+            "--batch-size", "16", "--epochs", "4", "--early-stopping-patience", "10", "--quiet"]
+    assert cli.run(transfer_learning.main, vars(transfer_learning), argv) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Training: about")]
+    number, unit = re.match(r"Training: about (\d+) (s|min) for 4 epochs on this CPU", line).groups()
+    estimate = int(number) * (60 if unit == "min" else 1)
+    (run_dir,) = (tmp_path / "transfer_learning").iterdir()
+    measured = json.loads((run_dir / "metrics.json").read_text())["seconds"]["training"]
+    assert measured / 2 <= estimate <= measured * 2, (line, measured)

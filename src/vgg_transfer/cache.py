@@ -6,8 +6,9 @@ import warnings
 import numpy as np
 
 
-def save_npz_atomically(path, arrays):
-    """Writes `arrays` (dict name -> array) to `path` via a temporary name and a rename.
+def save_atomically(path, arrays):
+    """Writes `arrays` to `path` via a temporary name and a rename: a dict name -> array as
+    .npz, or one array as .npy (which can be read back memory-mapped).
 
     A failure to write (full disk, read-only folder) is a warning, not an error: the cache
     only saves time, and the next run computes the arrays again.
@@ -16,7 +17,10 @@ def save_npz_atomically(path, arrays):
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
-            np.savez(file, **arrays)
+            if isinstance(arrays, dict):
+                np.savez(file, **arrays)
+            else:
+                np.save(file, arrays)
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)

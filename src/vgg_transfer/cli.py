@@ -47,12 +47,15 @@ _VGG16_LAYERS = ("block1_conv1", "block1_conv2", "block1_pool", "block2_conv1", 
 CHOICES = {
     "LR_SCHEDULE": ("plateau", "cosine"),
     "FEATURE_LAYER": _VGG16_LAYERS,
-    "UNFREEZE_FROM": tuple(name for name in _VGG16_LAYERS if name.endswith("_conv1")),
+    "UNFREEZE_FROM": tuple(name for name in _VGG16_LAYERS if "_conv" in name),
 }
 
 # What `config` holds besides the constants: the common flags, and what `run` adds.
 COMMON = ("data", "weights", "weights_source", "out", "subset", "quiet", "mixed_precision", "distribute",
           "verbose", "hyperparameters", "settings", "resume_key", "script_name")
+# Constants that are no flags: HARDWARE ("gpu" or "cpu", see devices.hardware) has already chosen
+# the other constants' values when the flags are read; the VGG_TRANSFER_HARDWARE variable sets it.
+NOT_FLAGS = ("HARDWARE",)
 
 
 def constants(namespace):
@@ -123,9 +126,10 @@ def parse_config(description, script_constants, argv=None, prog=None, comments=N
     common.add_argument("--subset", metavar="N", type=int, default=None,
                         help="use N training and N/5 test images, stratified, for quick runs")
     common.add_argument("--quiet", action="store_true", help="hide Keras's progress output")
-    common.add_argument("--mixed-precision", action="store_true",
+    on_a_gpu = script_constants.get("HARDWARE") == "gpu"
+    common.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=on_a_gpu,
                         help="compute in bfloat16 with float32 weights and outputs (fast on recent GPUs, "
-                             "slow on most CPUs)")
+                             f"slow on most CPUs; default: on with a GPU's recipe, so {on_a_gpu} here)")
     common.add_argument("--distribute", action="store_true",
                         help="train data-parallel over every local device (all GPUs, or the CPU devices): "
                              "DataParallel on JAX, MirroredStrategy on TensorFlow; BATCH_SIZE is split "
@@ -133,6 +137,8 @@ def parse_config(description, script_constants, argv=None, prog=None, comments=N
 
     hyper = parser.add_argument_group("hyperparameters (the constants at the top of the script)")
     for name, default in script_constants.items():
+        if name in NOT_FLAGS:
+            continue
         flag = "--" + name.lower().replace("_", "-")
         note = f"{comments[name]} " if comments.get(name) else ""
         if isinstance(default, bool):
@@ -145,6 +151,9 @@ def parse_config(description, script_constants, argv=None, prog=None, comments=N
                                metavar="{" + ",".join(choices) + "}" if choices and len(choices) < 5 else name,
                                help=f"{note}(default: {default})")
     config = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
+    for name in NOT_FLAGS:
+        if name in script_constants:
+            setattr(config, name.lower(), script_constants[name])
     config.hyperparameters = {name: getattr(config, name.lower()) for name in script_constants}
     config.verbose = 0 if config.quiet else "auto"
     _validate(config)
@@ -206,6 +215,22 @@ def check_config_names(used, script_constants, prog):
                          f"{name.upper()} = ... to the constants at its top")
 
 
+def hardware_choice(source, script_constants):
+    """One line saying which recipe the run uses: the constants whose value depends on HARDWARE
+    (written `NAME = ... if HARDWARE == ... else ...`), or None for a script with one recipe."""
+    if "HARDWARE" not in script_constants:
+        return None
+    chosen = [node.targets[0].id for node in ast.parse(source).body
+              if isinstance(node, ast.Assign) and isinstance(node.value, ast.IfExp)
+              and "HARDWARE" in {name.id for name in ast.walk(node.value.test) if isinstance(name, ast.Name)}]
+    hardware = script_constants["HARDWARE"]
+    if not chosen:
+        return f"Recipe: the same values on a CPU and a GPU (this machine: {hardware.upper()})"
+    other = "gpu" if hardware == "cpu" else "cpu"
+    return (f"Recipe for a {hardware.upper()}: {', '.join(f'{name}={script_constants[name]}' for name in chosen)} "
+            f"(VGG_TRANSFER_HARDWARE={other} chooses the {other.upper()} values; flags override either)")
+
+
 def _interrupted_run_summary():
     """Where the interrupted run's best checkpoint is, and how to continue it."""
     from vgg_transfer import runs  # runs imports Keras, which this module does not need
@@ -262,6 +287,9 @@ def run(main, script_globals, argv=None):
                               comments=constant_comments(source))
         used = config_names_used(source)
         check_config_names(used, script_constants, prog)
+        choice = hardware_choice(source, script_constants)
+        if choice:
+            print(choice)
         prepare(config, used, script_file.stem)
         if config.quiet:
             warnings.filterwarnings("ignore", category=UserWarning, module="keras")

@@ -217,7 +217,7 @@ def _decode_cached(path, form, cache_dir):
         for field in dataclasses.fields(decoded)
         if getattr(decoded, field.name) is not None and field.name != "class_names"
     }
-    cache.save_npz_atomically(cache_file, {"class_names": np.array(decoded.class_names), **arrays})
+    cache.save_atomically(cache_file, {"class_names": np.array(decoded.class_names), **arrays})
     return decoded
 
 

@@ -102,6 +102,18 @@ def vgg16_preprocessing(image_shape, image_size, augment=False):
     return preprocessing
 
 
+def mirror(image_shape):
+    """A model that flips float images (h, w, c) left to right, with built-in layers only: the
+    width axis moved last (`Permute`), multiplied by the reversal matrix (a fixed `Dense`, exact:
+    ones and zeros), and moved back. For test-time flip averaging inside a saved model."""
+    height, width, channels = image_shape
+    reverse = keras.layers.Dense(width, use_bias=False, trainable=False, name="reverse_columns")
+    flip = keras.Sequential([keras.Input(shape=(height, width, channels)), keras.layers.Permute((1, 3, 2)), reverse,
+                             keras.layers.Permute((1, 3, 2))], name="mirror")
+    reverse.kernel.assign(np.eye(width, dtype="float32")[::-1])
+    return flip
+
+
 def split_at(base, layer_name):
     """Splits a sequential VGG16 base before `layer_name` into (lower, upper) models that share
     its layers: `upper(lower(x))` computes `base(x)`, so training `upper` trains the base."""

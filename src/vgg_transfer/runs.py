@@ -20,7 +20,7 @@ from pathlib import Path
 
 import keras
 
-from vgg_transfer import distribute
+from vgg_transfer import devices, distribute
 from vgg_transfer.errors import InputError
 
 
@@ -163,34 +163,11 @@ def environment():
             pass
     return {
         "backend": keras.config.backend(),
-        "device": device_description(),
+        "device": devices.description(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "distribution": distribute.description,
         "versions": versions,
     }
-
-
-def device_description():
-    """What the backend computes on, e.g. "GPU (NVIDIA H100 80GB HBM3)" or "CPU"."""
-    backend = keras.config.backend()
-    try:
-        if backend == "jax":
-            import jax
-
-            devices = jax.devices()
-            return f"{devices[0].platform.upper()} ({devices[0].device_kind}) x{len(devices)}"
-        if backend == "tensorflow":
-            import tensorflow as tf  # TensorFlow-only: asks TF which devices it will use.
-
-            gpus = tf.config.list_physical_devices("GPU")
-            return f"GPU x{len(gpus)}" if gpus else "CPU"
-        if backend == "torch":
-            import torch
-
-            return f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
-    except Exception:  # Reporting the device must never stop a run.
-        pass
-    return "unknown"
 
 
 def set_precision(mixed_precision):

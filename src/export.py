@@ -1,0 +1,91 @@
+"""Exports a run's model for serving, through Keras's `model.export`.
+
+The exported model takes raw RGB images, uint8 (batch, side, side, 3) with the side the run's
+model takes, and returns class probabilities (batch, classes): VGG16's preprocessing and the
+resizing are inside it. Its folder also holds `class_names.json` (the probabilities' order)
+and `README.md` (how to call it). Nothing is written into the run folder.
+
+    python src/export.py out/transfer_learning/20261125-090235 --format tf_saved_model
+    python src/export.py RUN_DIR --format onnx --out exported/model-onnx
+    python src/export.py RUN_DIR --format litert
+
+Formats: `tf_saved_model` (needs TensorFlow), `onnx` (needs tf2onnx on the TensorFlow backend,
+onnxscript on torch), `litert` (needs TensorFlow). A converter that is not installed gets
+one line naming the package to install.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from vgg_transfer import cli, models, paths, runs
+from vgg_transfer.errors import InputError
+
+FORMATS = {  # format: (file or folder name, packages its converter needs)
+    "tf_saved_model": ("saved_model", "tensorflow"),
+    "onnx": ("model.onnx", "tf2onnx (TensorFlow backend) or onnxscript (torch backend)"),
+    "litert": ("model.tflite", "tensorflow"),
+}
+HOW_TO_CALL = {
+    "tf_saved_model": """```python
+import numpy as np, tensorflow as tf
+served = tf.saved_model.load("{folder}/saved_model")
+probabilities = served.signatures["serving_default"](tf.constant(images))  # uint8 (n, {side}, {side}, 3)
+probabilities = next(iter(probabilities.values())).numpy()
+```""",
+    "onnx": """```python
+import numpy as np, onnxruntime
+session = onnxruntime.InferenceSession("{folder}/model.onnx")
+probabilities = session.run(None, {{session.get_inputs()[0].name: images}})[0]  # uint8 (n, {side}, {side}, 3)
+```""",
+    "litert": """```python
+import numpy as np, tensorflow as tf  # or ai_edge_litert.interpreter
+interpreter = tf.lite.Interpreter("{folder}/model.tflite")
+runner = interpreter.get_signature_runner()
+probabilities = next(iter(runner(**{{runner.get_input_details().popitem()[0]: images}}).values()))
+```""",
+}
+
+
+def parse_arguments(argv=None):
+    parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", metavar="RUN_DIR", help="a run folder (with model.keras and metrics.json)")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="the folder to write (default: out/export/<run>-<format>-<timestamp>)")
+    return parser.parse_args(argv)
+
+
+def main(arguments):
+    run_dir = Path(arguments.run)
+    model, class_names, side = models.load_saved_classifier(run_dir)
+    default = paths.out_dir() / "export" / f"{run_dir.name}-{arguments.format}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(arguments.out or default)
+    if run_dir.is_dir() and folder.resolve().is_relative_to(run_dir.resolve()):
+        raise InputError(f"--out {folder} is inside the run folder {run_dir}, which stays as the run wrote it; "
+                         f"pass --out DIR elsewhere")
+    if folder.exists() and any(folder.iterdir()):
+        raise InputError(f"--out {folder} is not empty; pass a new folder")
+    runs.check_writable(folder)
+    name, packages = FORMATS[arguments.format]
+    import keras
+
+    signature = [keras.InputSpec(shape=(None, side, side, 3), dtype="uint8")]
+    try:
+        model.export(str(folder / name), format=arguments.format, input_signature=signature, verbose=False)
+    except ImportError as error:
+        raise InputError(f"exporting to {arguments.format} needs {packages}, which is not installed "
+                         f"({error}); pip install it and run again") from None
+    (folder / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
+    (folder / "README.md").write_text(
+        f"# {run_dir.name} as {arguments.format}\n\nExported from `{run_dir}` with `python src/export.py`. Input: "
+        f"raw RGB images, uint8, shape (n, {side}, {side}, 3), values 0 to 255 (resize your images to {side}x{side} "
+        f"first); VGG16's preprocessing is inside. Output: class probabilities (n, {len(class_names)}), in the "
+        f"order of `class_names.json`.\n\n" + HOW_TO_CALL[arguments.format].format(folder=folder, side=side) + "\n")
+    print(f"Exported {run_dir} as {arguments.format} to {folder / name}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_tool(main, parse_arguments))
