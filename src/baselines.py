@@ -71,6 +71,7 @@ def build_network(image_shape, num_classes, config):
     inputs = keras.Input(shape=image_shape, name="scaled_images")
     x = inputs
     if tuple(image_shape[:2]) != (config.image_size, config.image_size):
+        models.note_downscaling(image_shape, config.image_size)
         x = layers.Resizing(config.image_size, config.image_size, name="resize")(x)
     if config.model == "small_cnn":
         x = convolution_stack(x, SMALL_CNN_LAYOUT)
@@ -123,11 +124,14 @@ def main(config):
         keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
         keras.callbacks.TerminateOnNaN(),
         training.WallTimeEstimate(),  # prints about how long training will take
+        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
     ]
     callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
-    history = trained.fit(dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),
-                          epochs=config.epochs, batch_size=config.batch_size, callbacks=callbacks,
-                          verbose=config.verbose)
+    training_batches = data.Batches(dataset.x_train, dataset.y_train, config.batch_size, shuffle=True,
+                                    seed=config.seed)
+    validation_batches = data.Batches(dataset.x_val, dataset.y_val, config.batch_size)
+    history = trained.fit(training_batches, validation_data=validation_batches, epochs=config.epochs,
+                          callbacks=callbacks, verbose=config.verbose)
 
     # The saved model: the same layers without the augmentation, compiled as it was trained.
     model.compile(optimizer=decoupled_weight_decay(model, config.learning_rate, config.weight_decay),

@@ -4,6 +4,8 @@ the sizes the images came in.
 Writes to out/explore_data/<timestamp>/:
 - class_distribution.png: images per class in the training, validation and test sets;
 - samples.png: SAMPLES_PER_CLASS training images of each class;
+- augmentation.png: a few training images, several draws of the augmentation the training
+  scripts use, and VGG16's preprocessing step by step (resized, and as the network sees it);
 - image_sizes.png (image-folder data only): the original width and height of every image,
   before the loader converted them to one square size.
 
@@ -25,14 +27,21 @@ from vgg_transfer.errors import InputError
 SAMPLES_PER_CLASS = 8
 VALIDATION_SPLIT = 0.1
 SEED = 42
+AUGMENTED_IMAGES = 4  # training images shown in augmentation.png
+DRAWS = 5  # augmentation draws of each
+IMAGE_SIZE = 128  # the side shown as "resized": the GPU recipes' (at CIFAR-10's 32 px a CPU recipe does not resize)
 
 
 def parse_arguments(argv=None):
     parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, metavar="PATH", help="as for the training scripts (default: in/)")
     parser.add_argument("--samples-per-class", type=int, default=SAMPLES_PER_CLASS)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="the side the preprocessing preview "
+                        f"resizes to (default: {IMAGE_SIZE})")
     parser.add_argument("--out", default=str(paths.out_dir()), metavar="DIR")
     arguments = parser.parse_args(argv)
+    if arguments.image_size < 32:
+        raise InputError(f"--image-size {arguments.image_size} is out of range; pass at least 32 (VGG16's minimum)")
     if arguments.samples_per_class < 1:
         raise InputError(f"--samples-per-class {arguments.samples_per_class} is out of range; pass at least 1")
     return arguments
@@ -100,6 +109,41 @@ def plot_image_sizes(path, sizes, title):
     figure.savefig(path, dpi=110)
 
 
+def plot_augmentation(path, images, image_size, draws, seed, title):
+    """Each image: as stored, DRAWS draws of the training scripts' augmentation (random flips
+    and shifts of up to 4 pixels, edges reflected), resized to `image_size`, and what VGG16's
+    preprocessing makes of it: BGR minus the ImageNet means, shown viewable (channels back in
+    RGB order, each image's values stretched to the full range)."""
+    import keras
+
+    from vgg_transfer import models
+
+    keras.utils.set_random_seed(seed)
+    augmentation = models.augmentation()
+    augmented = [keras.ops.convert_to_numpy(augmentation(images.astype("float32"), training=True)) for _ in range(draws)]
+    preprocessing = models.vgg16_preprocessing(images.shape[1:], image_size)
+    preprocessed = keras.ops.convert_to_numpy(preprocessing(images))
+    resized = keras.ops.convert_to_numpy(keras.layers.Resizing(image_size, image_size)(images.astype("float32")))
+    columns = ["as stored"] + [f"augmented, draw {draw + 1}" for draw in range(draws)] + [
+        f"resized to {image_size}", "as VGG16 sees it"]
+    figure = Figure(figsize=(1.6 * len(columns), 1.75 * len(images) + 1.2))
+    grid = figure.subplots(len(images), len(columns), squeeze=False)
+    for row, image in enumerate(images):
+        seen = preprocessed[row][..., ::-1]
+        seen = (seen - seen.min()) / max(float(seen.max() - seen.min()), 1e-6)
+        pictures = [image, *[draw[row] / 255 for draw in augmented], resized[row] / 255, seen]
+        for column, (axes, picture) in enumerate(zip(grid[row], pictures)):
+            axes.imshow(np.clip(picture, 0, 1) if picture.dtype != np.uint8 else picture, interpolation="nearest")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if row == 0:
+                axes.set_title(columns[column], fontsize=7.5)
+    figure.suptitle(f"What the training scripts do to an image: augmentation (training only) and VGG16's "
+                    f"preprocessing\n{title}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main(arguments):
     runs.check_writable(arguments.out)
     dataset = data.load_dataset(arguments.data, VALIDATION_SPLIT, SEED)
@@ -108,7 +152,10 @@ def main(arguments):
     title = dataset.source
     plot_class_distribution(folder / "class_distribution.png", dataset, title)
     plot_samples(folder / "samples.png", dataset, arguments.samples_per_class, title)
-    written = ["class_distribution.png", "samples.png"]
+    first_of_classes = [np.flatnonzero(dataset.y_train == label)[0] for label in range(dataset.num_classes)]
+    plot_augmentation(folder / "augmentation.png", dataset.x_train[first_of_classes[:AUGMENTED_IMAGES]],
+                      arguments.image_size, DRAWS, SEED, title)
+    written = ["class_distribution.png", "samples.png", "augmentation.png"]
     sizes = data.original_image_sizes(arguments.data)
     if sizes:
         plot_image_sizes(folder / "image_sizes.png", sizes, title)

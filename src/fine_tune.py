@@ -14,10 +14,7 @@ Two recipes, chosen by the hardware (see HARDWARE):
   unfrozen top of the base and the head on them, in minutes. The head sits on block 4, whose
   2x2 output at 32 px keeps more than block 5's 1x1 (see docs/results.md).
 
-TEST_TIME_FLIP makes the saved model average its predictions over each image and its mirror.
-
     python src/fine_tune.py                                # this machine's recipe
-    python src/fine_tune.py --unfreeze-from block4_conv1   # unfreeze more of the base
 """
 
 import sys
@@ -66,6 +63,7 @@ def phase_callbacks(run, config, phase, epochs, learning_rate):
         keras.callbacks.LearningRateScheduler(training.cosine_decay(learning_rate, epochs)),
         keras.callbacks.TerminateOnNaN(),
         training.WallTimeEstimate(phase),  # prints about how long the phase will take
+        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
     ]
     return [*callbacks, training.ResumeAfterInterruption(run, callbacks, phase)]  # rerun to go on after Ctrl-C
 
@@ -94,8 +92,8 @@ def main(config):
     outputs = layers.Dense(dataset.num_classes, activation="softmax", dtype="float32")(x)
     head = keras.Model(inputs, outputs, name="head")
 
-    # Phase 1: the head learns on the frozen base's output, computed once (cached on disk). With
-    # CACHE_FROZEN_BLOCKS it comes from the lower blocks' cached activations, which phase 2 reuses.
+    # Phase 1: the head learns on the frozen base's output, computed once (cached on disk); with
+    # CACHE_FROZEN_BLOCKS, from the lower blocks' cached activations, which phase 2 reuses.
     images, y_train = {"train": dataset.x_train, "val": dataset.x_val}, dataset.y_train
     with run.timed("features"):
         if config.cache_frozen_blocks:
@@ -114,9 +112,9 @@ def main(config):
                                                  config.batch_size, config.verbose)
     head.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    print(f"Phase 1: training the head on the frozen base ({config.epochs} epochs at most)")
-    phase_1 = head.fit(cached["train"], y_train, validation_data=(cached["val"], dataset.y_val),
-                       epochs=config.epochs, batch_size=config.batch_size, verbose=config.verbose,
+    phase_1 = head.fit(data.Batches(cached["train"], y_train, config.batch_size, shuffle=True, seed=config.seed),
+                       validation_data=data.Batches(cached["val"], dataset.y_val, config.batch_size),
+                       epochs=config.epochs, verbose=config.verbose,
                        callbacks=phase_callbacks(run, config, "phase_1", config.epochs, config.learning_rate))
 
     # Phase 2: unfreeze from UNFREEZE_FROM on; the head keeps phase 1's best weights.
@@ -133,10 +131,11 @@ def main(config):
         x_train, x_val = dataset.x_train, dataset.x_val
     trained.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    start_loss, start_accuracy = trained.evaluate(x_val, dataset.y_val, batch_size=config.batch_size, verbose=0)
+    validation = data.Batches(x_val, dataset.y_val, config.batch_size)
+    start_loss, start_accuracy = trained.evaluate(validation, verbose=0)
     print(f"Phase 2: fine-tuning from {config.unfreeze_from} (validation loss at the start {start_loss:.4f})")
-    phase_2 = trained.fit(x_train, y_train, validation_data=(x_val, dataset.y_val), epochs=config.fine_tune_epochs,
-                          batch_size=config.batch_size, verbose=config.verbose,
+    phase_2 = trained.fit(data.Batches(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed),
+                          validation_data=validation, epochs=config.fine_tune_epochs, verbose=config.verbose,
                           callbacks=phase_callbacks(run, config, "phase_2", config.fine_tune_epochs,
                                                     config.fine_tune_learning_rate))
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from vgg_transfer import cli, data, gradcam, models, paths, runs
-from vgg_transfer.errors import InputError
+from vgg_transfer import cli, gradcam, models, paths, runs
 
 IMAGES_PER_CLASS = 2
 
@@ -36,29 +35,6 @@ def parse_arguments(argv=None):
     parser.add_argument("--images-per-class", type=int, default=IMAGES_PER_CLASS)
     parser.add_argument("--out", default=str(paths.out_dir()), metavar="DIR")
     return parser.parse_args(argv)
-
-
-def chosen_images(arguments, side, class_names):
-    """(uint8 images, their titles' first lines)."""
-    if arguments.images:
-        images = [data.read_image_file(path, side) for path in arguments.images]
-        return np.stack(images), [Path(path).name for path in arguments.images]
-    data_path = arguments.data or _run_data_path(arguments.model)
-    dataset = data.load_dataset(data_path, verbose=False)
-    picks = [index for label in range(len(class_names))
-             for index in np.flatnonzero(dataset.y_test == label)[: arguments.images_per_class]]
-    images = dataset.x_test[picks]
-    if images.shape[1] != side:
-        raise InputError(f"the model takes {side}-pixel images but {dataset.source} holds "
-                         f"{images.shape[1]}-pixel ones; pass the run's data with --data, or image files")
-    return images, [f"test #{index}, true: {dataset.class_names[dataset.y_test[index]]}" for index in picks]
-
-
-def _run_data_path(model_path):
-    """The data path a run was trained on, if its metrics.json names a local one."""
-    source = models.saved_run_metrics(model_path).get("data", {}).get("source", "")
-    candidate = Path(source.rsplit(" (", 1)[0])
-    return candidate if source and candidate.exists() else None
 
 
 def plot(path, images, maps, probabilities, class_names, captions, title, layer_name):
@@ -87,7 +63,8 @@ def main(arguments):
     runs.check_writable(arguments.out)
     model, class_names, side = models.load_saved_classifier(arguments.model)
     layer = gradcam.find_layer(model, arguments.layer) if arguments.layer else gradcam.default_layer(model)
-    images, captions = chosen_images(arguments, side, class_names)
+    images, captions = models.images_to_show(arguments.images, arguments.model, side, len(class_names),
+                                             arguments.data, arguments.images_per_class)
     maps, probabilities = gradcam.heatmaps(model, images, layer)
     folder = Path(arguments.out) / "gradcam" / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=False)

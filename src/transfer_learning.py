@@ -40,6 +40,7 @@ EARLY_STOPPING_PATIENCE = 4 if HARDWARE == "gpu" else 3  # epochs without a lowe
 LR_SCHEDULE = "plateau"  # "plateau": ReduceLROnPlateau; "cosine": a cosine decay over EPOCHS
 REDUCE_LR_PATIENCE = 1  # epochs without a lower validation loss before the rate is cut
 REDUCE_LR_FACTOR = 0.2  # what the rate is multiplied by then
+TEST_TIME_FLIP = False  # also predict each test image's mirror image and average (its features cached too)
 
 
 def main(config):
@@ -61,10 +62,12 @@ def main(config):
     feature_extractor = keras.Model(images, vgg16_features, name="feature_extractor")
 
     # The frozen base gives the same features every epoch: compute them once (cached on disk).
+    image_sets = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
+    if config.test_time_flip:
+        image_sets["test_mirrored"] = dataset.x_test[:, :, ::-1]
     with run.timed("features"):
-        cached, from_cache = features.cached_features(
-            feature_extractor, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test},
-            config.batch_size, config.verbose)
+        cached, from_cache = features.cached_features(feature_extractor, image_sets, config.batch_size,
+                                                      config.verbose)
 
     # The custom head, trained on the features.
     inputs = keras.Input(shape=vgg16_features.shape[1:], name="vgg16_features")
@@ -92,21 +95,29 @@ def main(config):
         keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
         keras.callbacks.TerminateOnNaN(),
         training.WallTimeEstimate(),  # prints about how long training will take
+        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
     ]
     callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
-    history = head.fit(cached["train"], dataset.y_train, validation_data=(cached["val"], dataset.y_val),
-                       epochs=config.epochs, batch_size=config.batch_size, callbacks=callbacks,
-                       verbose=config.verbose)
+    training_batches = data.Batches(cached["train"], dataset.y_train, config.batch_size, shuffle=True,
+                                    seed=config.seed)
+    history = head.fit(training_batches, validation_data=data.Batches(cached["val"], dataset.y_val, config.batch_size),
+                       epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
 
-    # The whole model: raw images -> preprocessing -> frozen VGG16 -> trained head. Compiled
-    # with the head's loss and metric, so the saved model evaluates as is.
-    model = keras.Model(images, head(vgg16_features), name="vgg16_frozen_functional")
+    # The whole model: raw images -> preprocessing -> frozen VGG16 -> trained head (with
+    # TEST_TIME_FLIP, averaged with the same for the mirror image). Compiled with the head's loss
+    # and metric, so the saved model evaluates as is.
+    predictions = head(vgg16_features)
+    if config.test_time_flip:
+        mirrored = models.mirror(x.shape[1:])(x)
+        predictions = layers.Average()([predictions, head(base(mirrored, training=False))])
+    model = keras.Model(images, predictions, name="vgg16_frozen_functional")
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     # Its test predictions are the head's on the cached test features (checked against the
     # whole model on a sample), so a rerun does not push 10,000 images through VGG16 again.
     with run.timed("evaluation"):
-        test_predictions = features.predict_with_cached_features(model, head, cached["test"], dataset.x_test,
+        test_features = [cached[name] for name in ("test", "test_mirrored") if name in cached]
+        test_predictions = features.predict_with_cached_features(model, head, test_features, dataset.x_test,
                                                                  config.batch_size)
     reporting.write_run(run, model, dataset, history, test_predictions, config.settings,
                         notes={"api": "functional", "strategy": "frozen", "features_from_cache": from_cache})

@@ -113,11 +113,12 @@ def main(config):
         keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
         keras.callbacks.TerminateOnNaN(),
         training.WallTimeEstimate(),  # prints about how long training will take
+        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
     ]
     callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
-    history = trained.fit(x_train, dataset.y_train, validation_data=(x_val, dataset.y_val),
-                          epochs=config.epochs, batch_size=config.batch_size, callbacks=callbacks,
-                          verbose=config.verbose)
+    training_batches = data.Batches(x_train, dataset.y_train, config.batch_size, shuffle=True, seed=config.seed)
+    history = trained.fit(training_batches, validation_data=data.Batches(x_val, dataset.y_val, config.batch_size),
+                          epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
 
     # The saved model: preprocessing, base, head (no augmentation), compiled as it was trained.
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),

@@ -106,11 +106,13 @@ def main(config):
         keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
         keras.callbacks.TerminateOnNaN(),
         training.WallTimeEstimate(),  # prints about how long training will take
+        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
     ]
     callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
-    history = head.fit(cached["train"], dataset.y_train, validation_data=(cached["val"], dataset.y_val),
-                       epochs=config.epochs, batch_size=config.batch_size, callbacks=callbacks,
-                       verbose=config.verbose)
+    training_batches = data.Batches(cached["train"], dataset.y_train, config.batch_size, shuffle=True,
+                                    seed=config.seed)
+    history = head.fit(training_batches, validation_data=data.Batches(cached["val"], dataset.y_val, config.batch_size),
+                       epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
 
     # The whole model, by subclassing, with the trained head.
     classifier = VGG16Classifier(preprocessing, base, head, name="vgg16_subclassed")

@@ -102,12 +102,18 @@ def test_saved_model_predicts_on_raw_uint8_images(pretrained_run, test_set):
 
 def test_run_folder_holds_every_report(pretrained_run):
     metrics = _metrics(pretrained_run)
-    for name in ("loss_plot.png", "confusion_matrix.png", "pr_curves.png", "roc_curves.png", "mistakes.png"):
+    pictures = {"loss_plot.png", "confusion_matrix.png", "pr_curves.png", "roc_curves.png", "mistakes.png",
+                "architecture.png", "embedding.png"}
+    for name in pictures:
         with Image.open(pretrained_run / name) as image:
             assert image.format == "PNG" and image.width >= 600 and image.height >= 300
     # report.md shows every picture of the run, and only pictures that exist.
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (pretrained_run / "report.md").read_text())
-    assert set(linked) == {"loss_plot.png", "confusion_matrix.png", "pr_curves.png", "roc_curves.png", "mistakes.png"}
+    assert set(linked) == pictures
+    # The embedding has a point for each test image (400 here: fewer than its limit of 1,000).
+    assert metrics["embedding"]["test_images"] == metrics["data"]["test_images"] == 400
+    summary = (pretrained_run / "model_summary.txt").read_text()
+    assert "block4_conv3" in summary and "Trainable" in summary and f"{metrics['model']['total_parameters']:,}" in summary
     # The curves' areas are real outcomes: well above chance (0.5 AUC) for a pretrained base,
     # and average precision never above what a perfect ranking (1.0) gives.
     per_class = metrics["per_class"].values()
@@ -224,3 +230,76 @@ def test_the_saved_model_loads_in_plain_keras_and_predicts_what_predict_py_does(
     # The same model, here on another backend: equal up to the backends' float arithmetic.
     np.testing.assert_allclose(plain, expected, atol=1e-6 if backend == "tensorflow" else 1e-4)
     assert (plain.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
+def test_feature_maps_show_each_blocks_strongest_channels_at_the_layers_shape(pretrained_run, shared_data, tmp_path):
+    import feature_maps
+
+    feature_maps.main(feature_maps.parse_arguments(
+        ["--model", str(pretrained_run), "--data", str(shared_data[0]), "--out", str(tmp_path), "--channels", "6"]))
+    (folder,) = (tmp_path / "feature_maps").iterdir()
+    pictures = sorted(folder.glob("feature_maps_*.png"))
+    assert len(pictures) == 10  # one test image per class
+    for picture in pictures:
+        with Image.open(picture) as image:
+            assert image.format == "PNG" and image.width >= 600
+    with np.load(folder / "feature_maps.npz") as maps:  # the main job's base ends at block 4
+        shapes = {name: maps[name].shape for name in maps.files}
+    assert shapes == {"block1_conv2": (10, 32, 32, 6), "block2_conv2": (10, 16, 16, 6),
+                      "block3_conv3": (10, 8, 8, 6), "block4_conv3": (10, 4, 4, 6)}
+
+
+def _exported_predictions(run_dir, format_name, out_dir, images):
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "export.py"), str(run_dir), "--format",
+                             format_name, "--out", str(out_dir)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out_dir / "class_names.json").read_text())[0] == "airplane"
+    assert "uint8" in (out_dir / "README.md").read_text()
+    if format_name == "tf_saved_model":
+        import tensorflow as tf
+
+        served = tf.saved_model.load(str(out_dir / "saved_model")).signatures["serving_default"]
+        return next(iter(served(tf.constant(images)).values())).numpy()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"))
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
+@pytest.mark.parametrize("format_name", ["tf_saved_model", "onnx"])
+def test_an_exported_model_serves_what_the_run_predicted(pretrained_run, test_set, tmp_path, format_name):
+    import importlib.util
+
+    if format_name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.fail("onnxruntime is not installed; pip install -r requirements-dev.txt")
+    before = sorted(path.name for path in pretrained_run.iterdir())
+    probabilities = _exported_predictions(pretrained_run, format_name, tmp_path / "exported", test_set.x_test[:64])
+    with open(pretrained_run / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))[:64]
+    assert [test_set.class_names[i] for i in probabilities.argmax(axis=1)] == [row["predicted_class"] for row in rows]
+    np.testing.assert_allclose(probabilities.max(axis=1), [float(row["confidence"]) for row in rows], atol=1e-4)
+    assert sorted(path.name for path in pretrained_run.iterdir()) == before  # the run folder is left as it was
+
+
+def test_export_names_a_missing_converter_and_never_writes_into_the_run(pretrained_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    hidden = ("import os, sys, runpy; sys.modules['tf2onnx'] = None; sys.argv = sys.argv[1:]; "
+              "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
+    export = str(PROJECT_ROOT / "src" / "export.py")
+    result = subprocess.run([sys.executable, "-c", hidden, export, str(pretrained_run), "--format", "onnx",
+                             "--out", str(tmp_path / "onnx")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "export.py: error: exporting to onnx needs tf2onnx" in result.stderr
+    inside = subprocess.run([sys.executable, export, str(pretrained_run), "--format", "tf_saved_model", "--out",
+                             str(pretrained_run / "exported")], capture_output=True, text=True, timeout=300)
+    assert inside.returncode == 2 and "is inside the run folder" in inside.stderr
+    assert not (pretrained_run / "exported").exists()

@@ -14,7 +14,7 @@ import fine_tune
 import transfer_learning_sequential
 import transfer_learning_subclassed
 from conftest import PROJECT_ROOT
-from vgg_transfer import cli, data, gradcam, models
+from vgg_transfer import activations, cli, data, models
 from vgg_transfer.errors import InputError
 
 QUICK = ["--subset", "300", "--quiet"]
@@ -210,7 +210,7 @@ def test_baselines_train_from_scratch_and_reload(shared_data, network, convoluti
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["weights"].startswith("none") and metrics["hyperparameters"]["MODEL"] == network
     model = _assert_reloads_with_the_same_predictions(run_dir, _test_images(baselines, shared_data))
-    layers = list(gradcam.all_layers(model))
+    layers = list(activations.all_layers(model))
     assert sum(isinstance(layer, keras.layers.Conv2D) for layer in layers) == convolutions
     assert not any(isinstance(layer, models.RandomFlipAndShift) for layer in layers)  # saved without augmentation
     assert all(weight.trainable for weight in model.trainable_weights) and len(model.trainable_weights) > 0
@@ -323,7 +323,7 @@ def test_explore_data_draws_counts_samples_and_original_sizes(tmp_path):
     explore_data.main(explore_data.parse_arguments(["--data", str(root), "--out", str(tmp_path / "out"),
                                                     "--samples-per-class", "3"]))
     (folder,) = (tmp_path / "out" / "explore_data").iterdir()
-    for name in ("class_distribution.png", "samples.png", "image_sizes.png"):
+    for name in ("class_distribution.png", "samples.png", "augmentation.png", "image_sizes.png"):
         with Image.open(folder / name) as image:
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
     sizes = data.original_image_sizes(root)

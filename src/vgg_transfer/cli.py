@@ -10,6 +10,7 @@ receives the resolved values as `config` (`config.epochs`).
 import argparse
 import ast
 import difflib
+import importlib.util
 import io
 import math
 import sys
@@ -52,7 +53,7 @@ CHOICES = {
 
 # What `config` holds besides the constants: the common flags, and what `run` adds.
 COMMON = ("data", "weights", "weights_source", "out", "subset", "quiet", "mixed_precision", "distribute",
-          "verbose", "hyperparameters", "settings", "resume_key", "script_name")
+          "tensorboard", "verbose", "hyperparameters", "settings", "resume_key", "script_name")
 # Constants that are no flags: HARDWARE ("gpu" or "cpu", see devices.hardware) has already chosen
 # the other constants' values when the flags are read; the VGG_TRANSFER_HARDWARE variable sets it.
 NOT_FLAGS = ("HARDWARE",)
@@ -130,6 +131,8 @@ def parse_config(description, script_constants, argv=None, prog=None, comments=N
     common.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=on_a_gpu,
                         help="compute in bfloat16 with float32 weights and outputs (fast on recent GPUs, "
                              f"slow on most CPUs; default: on with a GPU's recipe, so {on_a_gpu} here)")
+    common.add_argument("--tensorboard", action="store_true",
+                        help="log every epoch for TensorBoard into the run folder's tensorboard/ (needs TensorFlow)")
     common.add_argument("--distribute", action="store_true",
                         help="train data-parallel over every local device (all GPUs, or the CPU devices): "
                              "DataParallel on JAX, MirroredStrategy on TensorFlow; BATCH_SIZE is split "
@@ -198,9 +201,11 @@ def _validate(config):
 
 
 def config_names_used(source):
-    """The attribute names that the `main` function in `source` reads from its `config`."""
-    mains = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "main"]
-    return {node.attr for main in mains for node in ast.walk(main)
+    """The attribute names that the script's functions (not its classes' methods) read from
+    their `config` argument."""
+    functions = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)
+                 and "config" in [argument.arg for argument in node.args.args]]
+    return {node.attr for function in functions for node in ast.walk(function)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"}
 
 
@@ -255,6 +260,8 @@ def prepare(config, used, script_name):
     from vgg_transfer import data, distribute, models, runs  # Keras loads here, after the flags are fine
 
     runs.check_writable(config.out)
+    if config.tensorboard and importlib.util.find_spec("tensorflow") is None:
+        raise InputError("--tensorboard needs TensorFlow, which writes TensorBoard's logs: pip install tensorflow")
     data.locate(config.data)  # a data path that is not there is named before any download
     config.weights, config.weights_source = (models.resolve_weights(config.weights) if "weights" in used
                                              else (None, "none (trained from scratch)"))

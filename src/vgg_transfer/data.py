@@ -19,15 +19,21 @@ times), so a second run starts in about a second instead of decoding 60,000 file
 import dataclasses
 import hashlib
 import io
+import json
+import math
+import os
 import pickle
+import shutil
+import sys
 import tarfile
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 from PIL import Image
 
-from vgg_transfer import cache, paths
+from vgg_transfer import paths, stored
 from vgg_transfer.errors import InputError
 
 CIFAR10_CLASS_NAMES = (
@@ -44,7 +50,7 @@ VALIDATION_FOLDER_NAMES = ("validation", "val")
 # to IMAGE_SIZE itself. The cap keeps a folder of large photos from filling the memory.
 MAX_STORED_IMAGE_SIDE = 256
 # Bumped whenever the decoding changes, so that old caches are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 3
 
 
 @dataclasses.dataclass
@@ -121,17 +127,20 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
         InputError: no data found, a path of no accepted form, an unreadable archive, or
             class folders that do not fit together.
     """
-    from vgg_transfer import distribute  # imports Keras, which loading the data does not need otherwise
-
     source_path, form = locate(data_path)
+    cache_dir = Path(cache_dir or paths.cache_dir())
     if source_path is None:
-        decoded, source = _download_cifar10(), "CIFAR-10 (keras.datasets download)"
+        decoded, source, key = _download_cifar10(), "CIFAR-10 (keras.datasets download)", "download"
     else:
-        source = f"{source_path} ({form})"
-        decoded = _decode_cached(source_path, form, Path(cache_dir or paths.cache_dir()))
+        source, key = f"{source_path} ({form})", _source_key(source_path)
+        decoded = _decode_cached(source_path, form, cache_dir)
     if verbose:
         print(f"Data: {source}")
-    return distribute.whole_batches(_split(decoded, source, validation_split, seed, subset))
+    split_folder = cache_dir / f"split-{key}-{seed}-{validation_split}-{subset}"  # used for stored arrays only
+    dataset = _split(decoded, source, validation_split, seed, subset, split_folder)
+    # Data parallelism, if set up, has imported `distribute`; loading alone never imports Keras.
+    distribute = sys.modules.get("vgg_transfer.distribute")
+    return distribute.whole_batches(dataset) if distribute else dataset
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,29 +205,48 @@ def _download_cifar10():
 
 
 def _decode_cached(path, form, cache_dir):
-    cache_file = cache_dir / f"decoded-{_source_key(path)}.npz"
-    if cache_file.is_file():
+    """The decoded arrays, from the cache (a folder of .npy files, one per array) or decoded and
+    cached. Arrays larger than the memory budget stay on disk as `StoredArray`s."""
+    folder = cache_dir / f"decoded-{_source_key(path)}"
+    if (folder / "class_names.json").is_file():
         try:
-            with np.load(cache_file, allow_pickle=False) as stored:
-                arrays = {name: stored[name] for name in stored.files}
-            class_names = tuple(str(name) for name in arrays.pop("class_names"))
-            return _Decoded(class_names=class_names, **arrays)
+            return _read_decoded(folder)
         except Exception as error:  # A corrupt or truncated cache is rebuilt, not trusted.
-            warnings.warn(f"Ignoring unreadable data cache {cache_file} ({_first_line(error)}); decoding again.")
-    decode = {
-        "cifar-python-archive": _decode_cifar_python,
-        "cifar-python-folder": _decode_cifar_python,
-        "image-folders": _decode_image_folders,
-        "image-folders-archive": _decode_image_folders,
-    }[form]
-    decoded = decode(path)
-    arrays = {
-        field.name: getattr(decoded, field.name)
-        for field in dataclasses.fields(decoded)
-        if getattr(decoded, field.name) is not None and field.name != "class_names"
-    }
-    cache.save_atomically(cache_file, {"class_names": np.array(decoded.class_names), **arrays})
-    return decoded
+            warnings.warn(f"Ignoring unreadable data cache {folder} ({_first_line(error)}); decoding again.")
+    temporary = cache_dir / f".{folder.name}.{os.getpid()}.tmp"
+    decoded = None
+    try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        if form in ("image-folders", "image-folders-archive"):
+            decoded = _decode_image_folders(path, temporary)
+        else:
+            decoded = _decode_cifar_python(path)
+        for field in dataclasses.fields(decoded):
+            array = getattr(decoded, field.name)
+            if isinstance(array, np.ndarray):
+                np.save(temporary / f"{field.name}.npy", array)
+        (temporary / "class_names.json").write_text(json.dumps(list(decoded.class_names)))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temporary, folder)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if decoded is None or isinstance(decoded.x_train, stored.StoredArray):
+            raise InputError(f"cannot write the decoded images to {cache_dir} ({error}); free some disk space "
+                             f"or set VGG_TRANSFER_CACHE_DIR to a folder with room") from None
+        warnings.warn(f"Could not write the data cache {folder} ({error}); the next run decodes again.")
+        return decoded  # in memory: the cache only saves time
+    return _read_decoded(folder)
+
+
+def _read_decoded(folder):
+    """The arrays of a decoded-data cache folder: in memory if they fit the budget, else stored."""
+    files = {file.stem: file for file in folder.glob("*.npy")}
+    stored_arrays = {name: stored.StoredArray(file) for name, file in files.items()}
+    in_memory = sum(array.nbytes for array in stored_arrays.values()) <= stored.memory_budget()
+    arrays = {name: np.load(files[name]) if in_memory or name.startswith("y_") else array
+              for name, array in stored_arrays.items()}
+    return _Decoded(class_names=tuple(json.loads((folder / "class_names.json").read_text())), **arrays)
 
 
 def _source_key(path):
@@ -316,8 +344,9 @@ def _split_members(members, path):
     return splits[min(roots, key=len)]
 
 
-def _decode_image_folders(path):
-    """Reads ROOT/{train,validation,test}/<class>/<image> from a folder or an archive."""
+def _decode_image_folders(path, folder):
+    """Reads ROOT/{train,validation,test}/<class>/<image> from a folder or an archive; arrays
+    larger than the memory budget are written straight to `folder` as .npy files."""
     members = _Members(path)
     found = _split_members(members, path)
 
@@ -333,46 +362,76 @@ def _decode_image_folders(path):
                     f"{path}: {split}/ has classes that train/ lacks ({extra}); use the same class folders in both"
                 )
 
-    images, skipped = {}, []
+    # Two passes, so that memory holds the stored arrays and one photo at a time, never every
+    # photo at its original size: the files' headers first (for the storage size), then each
+    # image decoded, converted and resized straight into its row.
+    sizes, skipped = {}, []
+    for names in found.values():
+        for name in names:
+            sizes[name] = _header_size(members, name, skipped)
+    side = _storage_side([size for size in sizes.values() if size is not None])
+    on_disk = sum(size is not None for size in sizes.values()) * side * side * 3 > stored.memory_budget()
+    if on_disk:
+        print(f"The decoded images take more than the memory budget: they stay on disk, in {folder}")
+    arrays = {}
     for split, names in found.items():
-        decoded = [(_read_image(members, name, skipped), class_names.index(name.split("/")[-2])) for name in names]
-        images[split] = [(image, label) for image, label in decoded if image is not None]
+        readable = [name for name in names if sizes[name] is not None]
+        shape = (len(readable), side, side, 3)
+        x = stored.StoredArrayWriter(folder / f"x_{split}.npy", shape, np.uint8) if on_disk else np.empty(shape, np.uint8)
+        labels = []
+        for name in readable:  # rows that cannot be decoded after all are not written: the next one takes their place
+            if _read_into(members, name, x, len(labels), side, skipped):
+                labels.append(class_names.index(name.split("/")[-2]))
+        if on_disk:
+            x = x.close()
+            if len(labels) < len(x):  # files that failed to decode left rows at the end
+                stored.take(x, np.arange(len(labels)), folder / "compacted.npy")
+                os.replace(folder / "compacted.npy", folder / f"x_{split}.npy")
+                x = stored.StoredArray(folder / f"x_{split}.npy")
+        arrays[split] = (x[:len(labels)] if not on_disk else x, np.array(labels, np.int64))
     if skipped:
         examples = "; ".join(skipped[:3])
         warnings.warn(f"Skipped {len(skipped)} files that are not readable images (e.g. {examples}).")
     for split in ("train", "test"):
-        if not images[split]:
+        if not len(arrays[split][1]):
             raise InputError(f"{path}: {split}/ holds no readable images")
-    empty = [name for name in class_names if not any(class_names[label] == name for _, label in images["train"])]
+    empty = [name for index, name in enumerate(class_names) if not np.any(arrays["train"][1] == index)]
     if empty:
         raise InputError(f"{path}: train/ has no readable images for class {', '.join(empty)}; add images or remove the folder")
 
-    side = _storage_side([image for split in images.values() for image, _ in split])
-
-    def stack(pairs):
-        x = np.stack([_to_square(image, side) for image, _ in pairs])
-        return x, np.array([label for _, label in pairs], dtype=np.int64)
-
-    x_train, y_train = stack(images["train"])
-    x_test, y_test = stack(images["test"])
-    decoded = _Decoded(x_train, y_train, x_test, y_test, class_names)
-    validation = next((images[name] for name in VALIDATION_FOLDER_NAMES if images.get(name)), None)
+    decoded = _Decoded(*arrays["train"], *arrays["test"], class_names)
+    validation = next((name for name in VALIDATION_FOLDER_NAMES if name in arrays and len(arrays[name][1])), None)
     if validation:
-        decoded.x_val, decoded.y_val = stack(validation)
+        decoded.x_val, decoded.y_val = arrays[validation]
     return decoded
 
 
-def _read_image(members, name, skipped):
-    """Decodes one file as an RGB uint8 Pillow image, or records it in `skipped` and returns None."""
+def _header_size(members, name, skipped):
+    """(width, height) from an image file's header, or None (recorded in `skipped`) when it is none."""
     try:
         with Image.open(io.BytesIO(members.read(name))) as image:
-            image.load()
-            return to_rgb(image)
+            return image.size
     except InputError:
         raise
     except Exception as error:
         skipped.append(f"{name}: {_first_line(error)}")
         return None
+
+
+def _read_into(members, name, x, row, side, skipped):
+    """Decodes one file, converts it to RGB and resizes it into `x[row]`; False (and the file in
+    `skipped`) when it cannot be decoded after all."""
+    try:
+        with Image.open(io.BytesIO(members.read(name))) as image:
+            image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when that is enough
+            image.load()
+            x[row] = _to_square(to_rgb(image), side)
+        return True
+    except InputError:
+        raise
+    except Exception as error:
+        skipped.append(f"{name}: {_first_line(error)}")
+        return False
 
 
 def to_rgb(image):
@@ -395,14 +454,16 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def _storage_side(images):
-    """One square side for all images: their common size, else the most common longer side."""
-    sizes = {image.size for image in images}
-    if len(sizes) == 1:
-        width, height = sizes.pop()
+def _storage_side(sizes):
+    """One square side for all images, from their (width, height): their common size, else the
+    most common longer side, within [32, MAX_STORED_IMAGE_SIDE]."""
+    if not sizes:
+        return 32
+    if len(set(sizes)) == 1:
+        width, height = sizes[0]
         if width == height:
             return width
-    sides = [max(image.size) for image in images]
+    sides = [max(size) for size in sizes]
     values, counts = np.unique(sides, return_counts=True)
     return int(min(max(values[np.argmax(counts)], 32), MAX_STORED_IMAGE_SIDE))
 
@@ -454,31 +515,44 @@ def _to_square(image, side):
 # Splitting
 
 
-def _split(decoded, source, validation_split, seed, subset):
+def _split(decoded, source, validation_split, seed, subset, folder):
+    """Subset, validation split and test set; the rows of stored arrays are copied into stored
+    arrays in `folder`, a chunk at a time (and reused when that folder is complete)."""
+    complete = folder / "complete"
+
+    def rows(array, indices, name):
+        if not isinstance(array, stored.StoredArray):
+            return np.ascontiguousarray(array[indices])
+        folder.mkdir(parents=True, exist_ok=True)
+        return stored.StoredArray(folder / f"{name}.npy") if complete.is_file() else \
+            stored.take(array, indices, folder / f"{name}.npy")
+
     rng = np.random.default_rng(seed)
     x_train, y_train, x_test, y_test = decoded.x_train, decoded.y_train, decoded.x_test, decoded.y_test
+    train_rows, test_rows = np.arange(len(y_train)), np.arange(len(y_test))
     num_classes = len(decoded.class_names)
     if subset is not None:
         if subset < 2 * num_classes:
             raise InputError(f"--subset {subset} is too small for {num_classes} classes; pass at least {2 * num_classes}")
-        keep = stratified_sample(y_train, subset, rng)
-        x_train, y_train = x_train[keep], y_train[keep]
-        keep_test = stratified_sample(y_test, max(subset // 5, num_classes), rng)
-        x_test, y_test = x_test[keep_test], y_test[keep_test]
+        train_rows = stratified_sample(y_train, subset, rng)
+        test_rows = stratified_sample(y_test, max(subset // 5, num_classes), rng)
     if decoded.x_val is not None:
-        x_val, y_val, validation_source = decoded.x_val, decoded.y_val, "the data's validation folder"
+        val_rows = np.arange(len(decoded.y_val))
         if subset is not None:
-            keep_val = stratified_sample(y_val, max(subset // 10, num_classes), rng)
-            x_val, y_val = x_val[keep_val], y_val[keep_val]
+            val_rows = stratified_sample(decoded.y_val, max(subset // 10, num_classes), rng)
+        x_val, y_val = rows(decoded.x_val, val_rows, "x_val"), decoded.y_val[val_rows]
+        validation_source = "the data's validation folder"
     else:
-        train_indices, val_indices = stratified_split(y_train, validation_split, rng)
-        x_val, y_val = x_train[val_indices], y_train[val_indices]
-        x_train, y_train = x_train[train_indices], y_train[train_indices]
+        kept, held_out = stratified_split(y_train[train_rows], validation_split, rng)
+        train_rows, val_rows = train_rows[kept], train_rows[held_out]
+        x_val, y_val = rows(x_train, val_rows, "x_val"), y_train[val_rows]
         validation_source = f"stratified {validation_split:.0%} of the training images (seed {seed})"
-    return Dataset(
-        np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_val), y_val,
-        np.ascontiguousarray(x_test), y_test, tuple(decoded.class_names), source, validation_source,
-    )
+    x_train, y_train = rows(x_train, train_rows, "x_train"), y_train[train_rows]
+    x_test, y_test = rows(x_test, test_rows, "x_test"), y_test[test_rows]
+    if isinstance(x_train, stored.StoredArray):
+        complete.touch()
+    return Dataset(x_train, y_train, x_val, y_val, x_test, y_test, tuple(decoded.class_names), source,
+                   validation_source)
 
 
 def stratified_split(labels, fraction, rng):
@@ -509,3 +583,42 @@ def stratified_sample(labels, size, rng):
 def _first_line(error):
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+class Batches(keras.utils.PyDataset):
+    """Batches of `x` (and `y`) for `fit`, `evaluate` and `predict`, from arrays in memory or
+    stored on disk (a `keras.utils.PyDataset`, so on every backend). With `shuffle`, in a new
+    order every epoch, drawn from `seed` and the epoch's number, so that two runs with the same
+    seed see the same batches.
+
+    Args:
+        x: an array or `StoredArray` (N, ...).
+        y: the labels (N,), or None for prediction.
+        batch_size: images per batch (the last batch takes the rest).
+        shuffle: draw a new order every epoch (for training).
+        seed: seeds the orders.
+    """
+
+    def __init__(self, x, y=None, batch_size=32, shuffle=False, seed=0):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.epoch = 0
+        self.order = self._order()
+
+    def _order(self):
+        if not self.shuffle:
+            return np.arange(len(self.x))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+
+    def __len__(self):
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        if not self.shuffle:  # in order: one contiguous read
+            rows = slice(rows[0], rows[-1] + 1)
+        return self.x[rows] if self.y is None else (self.x[rows], self.y[rows])
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._order()

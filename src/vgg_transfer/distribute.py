@@ -101,7 +101,9 @@ def whole_batches(dataset):
 def predict(model, x, batch_size, verbose=0):
     """`model.predict(x)` as a NumPy array (`len(x)` rows, in order), on any number of devices:
     the inputs are padded with copies of the last one to split evenly, and the padding's
-    outputs dropped."""
+    outputs dropped. An array stored on disk is read a chunk at a time."""
+    if not isinstance(x, np.ndarray):  # a stored.StoredArray
+        return np.concatenate([predict(model, chunk, batch_size, verbose) for _, chunk in x.chunks(8192)])
     padding = -len(x) % replicas
     if padding:
         x = np.concatenate([x, np.repeat(x[-1:], padding, axis=0)])

@@ -5,6 +5,7 @@ the same base; computing the features once turns minutes per epoch into seconds.
 """
 
 import hashlib
+import os
 import time
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from vgg_transfer import cache, distribute, models, paths
+from vgg_transfer import distribute, models, paths, stored
 
 # Bumped whenever what goes into the features changes (e.g. the preprocessing), so that
 # old caches are not reused.
@@ -22,21 +23,23 @@ CACHE_FORMAT_VERSION = 3
 def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, cache_dir=None):
     """Returns the extractor's outputs for each image set, from the cache when it has them,
     and prints one line saying which. Each set is cached on its own, so a run that adds a set
-    (the mirror images of the test set, say) extracts only that one.
+    (the mirror images of the test set, say) extracts only that one. Features are computed and
+    written a chunk of images at a time; those larger than the memory budget stay on disk.
 
     Args:
         feature_extractor: a Keras model from images (or earlier activations) to features; its
             weights, input and output shapes and the precision are part of the cache key.
-        image_sets: dict name -> array (N, ...), e.g. {"train": x_train, "val": x_val}.
+        image_sets: dict name -> array or `stored.StoredArray` (N, ...), e.g. {"train": x_train}.
         batch_size: extraction batch size.
         verbose: Keras progress-bar verbosity while extracting.
         cache_dir: default `paths.cache_dir()`.
 
     Returns:
-        (features, from_cache): dict name -> float32 array (N, *feature_shape), and whether
-        every set was read from the cache.
+        (features, from_cache): dict name -> float32 array or `StoredArray` (N, *feature_shape),
+        and whether every set was read from the cache.
     """
     cache_dir = Path(cache_dir or paths.cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
     extractor_key = _extractor_key(feature_extractor)
     feature_shape = tuple(feature_extractor.outputs[0].shape[1:])
     started, features, extracted = time.perf_counter(), {}, []
@@ -44,22 +47,42 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
         cache_file = cache_dir / f"features-{extractor_key}-{_array_key(images)}.npy"
         features[name] = _read(cache_file, (len(images), *feature_shape))
         if features[name] is None:
-            features[name] = distribute.predict(feature_extractor, images, batch_size, verbose).astype(np.float32)
-            cache.save_atomically(cache_file, features[name])
+            features[name] = _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file)
             extracted.append(name)
     how = f"extracted ({', '.join(extracted)}) and cached" if extracted else "read from the cache"
     print(f"Features {feature_shape}: {how} in {time.perf_counter() - started:.1f} s")
     return features, not extracted
 
 
+EXTRACTION_CHUNK = 8192  # images pushed through the extractor at a time, then written out
+
+
+def _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file):
+    """The features of `images`, written to `cache_file` a chunk at a time, then read back (in
+    memory if they fit the budget); computed in memory when the cache cannot be written."""
+    temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    try:
+        writer = stored.StoredArrayWriter(temporary, (len(images), *feature_shape), np.float32)
+    except OSError as error:
+        warnings.warn(f"Could not write the feature cache {cache_file} ({error}); the next run extracts again.")
+        return distribute.predict(feature_extractor, images, batch_size, verbose).astype(np.float32)
+    for start in range(0, len(images), EXTRACTION_CHUNK):
+        chunk = images[start:start + EXTRACTION_CHUNK]
+        writer[start:start + len(chunk)] = distribute.predict(feature_extractor, chunk, batch_size, verbose)
+    writer.close()
+    os.replace(temporary, cache_file)
+    return _read(cache_file, (len(images), *feature_shape))
+
+
 def _read(cache_file, shape):
-    """The cached array, or None when there is none or it is unreadable or of the wrong shape."""
+    """The cached array (in memory if it fits the budget, else a `StoredArray`), or None when
+    there is none or it is unreadable or of the wrong shape."""
     if not cache_file.is_file():
         return None
     try:
-        array = np.load(cache_file, allow_pickle=False)
+        array = stored.StoredArray(cache_file)
         if array.shape == shape:
-            return array
+            return np.load(cache_file, allow_pickle=False) if array.nbytes <= stored.memory_budget() else array
         warnings.warn(f"Feature cache {cache_file} has the wrong shape; extracting again.")
     except Exception as error:  # Truncated or corrupt: rebuild rather than trust it.
         warnings.warn(f"Ignoring unreadable feature cache {cache_file} ({error}); extracting again.")
@@ -77,9 +100,12 @@ def _extractor_key(feature_extractor):
 
 
 def _array_key(array):
-    array = np.ascontiguousarray(array)
-    digest = hashlib.sha1(f"{array.shape}:{array.dtype}".encode())
-    digest.update(memoryview(array).cast("B"))
+    digest = hashlib.sha1(f"{tuple(array.shape)}:{array.dtype}".encode())
+    if isinstance(array, stored.StoredArray):
+        for _, chunk in array.chunks():
+            digest.update(memoryview(chunk).cast("B"))
+    else:
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     return digest.hexdigest()[:16]
 
 

@@ -5,22 +5,15 @@ The gradient of the class probability with respect to the layer's activations co
 the backend's own automatic differentiation (TensorFlow's GradientTape, `jax.grad` or torch.autograd); the
 model itself is not rebuilt. The chosen layer's output is given a zero offset during one
 forward pass, and the gradient with respect to that offset is the gradient with respect to
-the activations, wherever the layer sits (nested models included).
+the activations, wherever the layer sits (nested models included; in a model with test-time
+flip averaging, the image's own pass, not its mirror image's).
 """
-
-import contextlib
 
 import keras
 import numpy as np
 
+from vgg_transfer.activations import all_layers, watched
 from vgg_transfer.errors import InputError
-
-
-def all_layers(layer):
-    """The layer and, recursively, every layer inside it, in order."""
-    yield layer
-    for inner in getattr(layer, "layers", []):
-        yield from all_layers(inner)
 
 
 def default_layer(model):
@@ -40,23 +33,6 @@ def find_layer(model, name):
     raise InputError(f"--layer {name!r} is not a convolution layer of the model; use one of {names}")
 
 
-@contextlib.contextmanager
-def _offset_output(layer, state):
-    """Makes `layer` return its output plus `state["offset"]` and record it in `state["activation"]`."""
-    original = layer.call
-
-    def call(*args, **kwargs):
-        output = original(*args, **kwargs)
-        state["activation"] = output
-        return output if state.get("offset") is None else output + keras.ops.cast(state["offset"], output.dtype)
-
-    layer.call = call
-    try:
-        yield
-    finally:
-        del layer.call  # back to the class's method
-
-
 def heatmaps(model, images, layer=None, class_indices=None):
     """Grad-CAM heatmaps for a batch of raw uint8 images.
 
@@ -73,19 +49,20 @@ def heatmaps(model, images, layer=None, class_indices=None):
     layer = layer or default_layer(model)
     images = keras.ops.convert_to_tensor(np.asarray(images))
     state = {}
-    with _offset_output(layer, state):
+    with watched(layer, state):
         probabilities = keras.ops.convert_to_numpy(model(images, training=False))
-        if class_indices is None:
-            class_indices = probabilities.argmax(axis=1)
-        chosen = keras.ops.one_hot(np.asarray(class_indices), probabilities.shape[1])
-        zeros = np.zeros(tuple(state["activation"].shape), np.float32)
+    if class_indices is None:
+        class_indices = probabilities.argmax(axis=1)
+    chosen = keras.ops.one_hot(np.asarray(class_indices), probabilities.shape[1])
+    zeros = np.zeros(tuple(state["output"].shape), np.float32)
 
-        def score(offset):
-            state["offset"] = offset
+    def score(offset):
+        state.clear()
+        with watched(layer, state, offset=lambda output: output + keras.ops.cast(offset, output.dtype)):
             outputs = keras.ops.cast(model(images, training=False), "float32")
-            return keras.ops.sum(outputs * chosen), state["activation"]
+        return keras.ops.sum(outputs * chosen), state["output"]
 
-        gradients, activations = _gradient(score, zeros)
+    gradients, activations = _gradient(score, zeros)
     gradients = np.asarray(keras.ops.convert_to_numpy(gradients), np.float32)
     activations = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(activations, "float32")), np.float32)
     channel_weights = gradients.mean(axis=(1, 2), keepdims=True)  # global-average-pooled gradients

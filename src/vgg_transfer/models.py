@@ -86,6 +86,7 @@ def vgg16_preprocessing(image_shape, image_size, augment=False):
         (image_size, image_size, 3), BGR, minus the ImageNet means: exactly what
         `keras.applications.vgg16.preprocess_input` gives.
     """
+    note_downscaling(image_shape, image_size)
     # Rescaling casts to float and subtracts each channel's mean; a fixed 1x1 convolution then
     # reverses the channels (RGB to BGR), which no other built-in layer does.
     rgb_to_bgr = keras.layers.Conv2D(3, 1, use_bias=False, trainable=False, name="rgb_to_bgr")
@@ -100,6 +101,21 @@ def vgg16_preprocessing(image_shape, image_size, augment=False):
     ], name="vgg16_preprocessing_augmented" if augment else "vgg16_preprocessing")
     rgb_to_bgr.kernel.assign(np.eye(3, dtype="float32")[::-1].reshape(1, 1, 3, 3))
     return preprocessing
+
+
+_noted = set()
+
+
+def note_downscaling(image_shape, image_size):
+    """Says once, in one line, when the model shrinks the stored images: photos stored at 256 px
+    and IMAGE_SIZE left at CIFAR-10's 32 would be classified from thumbnails."""
+    stored = max(image_shape[:2])
+    if stored > image_size and (stored, image_size) not in _noted:
+        _noted.add((stored, image_size))
+        closer = min(stored, 4 * image_size)
+        print(f"Note: the images are stored at {stored} px and the network sees them at {image_size} px "
+              f"(IMAGE_SIZE); --image-size {closer} shows it more detail, at {(closer / image_size) ** 2:.0f} "
+              f"times the compute")
 
 
 def mirror(image_shape):
@@ -231,3 +247,27 @@ def load_saved_classifier(model_path):
     names = saved_run_metrics(model_file).get("data", {}).get("class_names", [])
     class_names = names if len(names) == num_classes else [f"class {index}" for index in range(num_classes)]
     return model, class_names, side
+
+
+def images_to_show(image_files, model_path, side, num_classes, data_path=None, per_class=1):
+    """The images a picture of a saved model shows, as (uint8 array (N, side, side, 3), captions):
+    the image files given, else the first `per_class` test images of each class of the run's data
+    (from its metrics.json), or of `data_path`.
+
+    Raises:
+        InputError: an unreadable file, or data whose images are not of the model's size.
+    """
+    from vgg_transfer import data  # the loader, only for the tools that show images
+
+    if image_files:
+        return (np.stack([data.read_image_file(path, side) for path in image_files]),
+                [Path(path).name for path in image_files])
+    source = saved_run_metrics(model_path).get("data", {}).get("source", "")
+    run_data = Path(source.rsplit(" (", 1)[0])
+    dataset = data.load_dataset(data_path or (run_data if source and run_data.exists() else None), verbose=False)
+    picks = [index for label in range(num_classes) for index in np.flatnonzero(dataset.y_test == label)[:per_class]]
+    images = dataset.x_test[picks]
+    if images.shape[1] != side:
+        raise InputError(f"the model takes {side}-pixel images but {dataset.source} holds "
+                         f"{images.shape[1]}-pixel ones; pass the run's data with --data, or image files")
+    return images, [f"test #{index}, true: {dataset.class_names[dataset.y_test[index]]}" for index in picks]

@@ -11,12 +11,15 @@ import csv
 import json
 
 import keras
+import matplotlib.offsetbox
+import matplotlib.patches
 import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
+from sklearn import decomposition, manifold
 from sklearn import metrics as sk_metrics
 
-from vgg_transfer import distribute, models, runs
+from vgg_transfer import activations, distribute, models, runs
 
 
 def probabilities_and_loss(model, labels, outputs):
@@ -77,6 +80,10 @@ def write_run(run, model, dataset, history, test_predictions, settings, notes=No
                           f"{title}, test accuracy {accuracy:.2%}")
     areas = plot_pr_and_roc_curves(run.path, probabilities, labels, names, title)
     plot_confident_mistakes(run.path / "mistakes.png", dataset.x_test, labels, probabilities, names, title)
+    plot_architecture(run.path / "architecture.png", model, title)
+    write_model_summary(run.path / "model_summary.txt", model)
+    with run.timed("embedding"):
+        embedding_points = plot_embedding(run.path / "embedding.png", model, dataset.x_test, labels, names, title)
     if model.optimizer is not None and not model.optimizer.built:
         # A compiled-only model's optimizer has no state yet; building it makes the saved
         # state match what load_model rebuilds, which otherwise warns on every reload.
@@ -115,6 +122,7 @@ def write_run(run, model, dataset, history, test_predictions, settings, notes=No
         "model": {"name": model.name, "trainable_parameters": trainable, "total_parameters": model.count_params()},
         "environment": {**runs.environment(), "variable_placement": distribute.variable_placement(model)},
         "confusion_matrix": {"counts": counts.tolist(), "normalised_by_true_class": normalised.tolist()},
+        "embedding": {"test_images": embedding_points},
         **(notes or {}),
     }
     (run.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -263,6 +271,108 @@ def plot_confident_mistakes(path, images, labels, probabilities, class_names, ti
     figure.savefig(path, dpi=110)
 
 
+def _groups(model):
+    """The model's layers in drawing order, grouped: [(group name, [layers])], nested models
+    opened: the preprocessing, VGG16's blocks by name, the head, the rest; a part with poolings
+    (a network from scratch) gets one group per pooling stage."""
+    groups, stage_ended = [], False
+    for layer in activations.all_layers(model):
+        if getattr(layer, "layers", None) or isinstance(layer, keras.layers.InputLayer):
+            continue
+        name = layer.name.split("_")[0] if layer.name.startswith("block") else next(
+            (outer.name for outer in activations.all_layers(model) if layer in getattr(outer, "layers", [])),
+            model.name)
+        if not groups or groups[-1][0] != name or stage_ended:
+            groups.append((name, []))
+        groups[-1][1].append(layer)
+        stage_ended = isinstance(layer, keras.layers.MaxPooling2D)
+    return groups
+
+
+def plot_architecture(path, model, title):
+    """The model drawn layer by layer with matplotlib (`keras.utils.plot_model` needs graphviz,
+    which pip does not install): one column per part (the preprocessing, each VGG16 block, the
+    head), each layer with its output shape, coloured by whether it trained or stayed frozen."""
+    groups = _groups(model)
+    rows = max(len(layers) for _, layers in groups)
+    figure = Figure(figsize=(2.15 * len(groups) + 0.6, 0.62 * rows + 1.9))
+    axes = figure.subplots()
+    colours = {"trained": "#f4a261", "frozen": "#8ecae6", "no weights": "#f1f1f1"}
+    for column, (group, layers) in enumerate(groups):
+        axes.text(column + 0.5, -0.55, group, ha="center", va="center", fontsize=8.5, weight="bold")
+        for row, layer in enumerate(layers):
+            kind = ("no weights" if not layer.weights else "trained" if layer.trainable_weights else "frozen")
+            axes.add_patch(matplotlib.patches.FancyBboxPatch(
+                (column + 0.06, row + 0.08), 0.88, 0.8, boxstyle="round,pad=0.01", facecolor=colours[kind],
+                edgecolor="grey", linewidth=0.6))
+            shape = "x".join(str(side) for side in activations.output_shape(layer)[1:])
+            axes.text(column + 0.5, row + 0.48, f"{layer.name}\n{type(layer).__name__} {shape}", ha="center",
+                      va="center", fontsize=6.3)
+        if column:
+            axes.annotate("", (column + 0.05, 0.48), (column - 0.05, 0.48), arrowprops={"arrowstyle": "->"})
+    axes.set_xlim(0, len(groups))
+    axes.set_ylim(rows, -1)
+    axes.axis("off")
+    trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+    axes.legend(handles=[matplotlib.patches.Patch(facecolor=colour, edgecolor="grey", label=kind)
+                         for kind, colour in colours.items()], loc="lower right", fontsize=8, ncol=3)
+    figure.suptitle(f"{model.name}: {trainable:,} trainable of {model.count_params():,} parameters "
+                    f"(raw uint8 images in, left to right)\n{title}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write_model_summary(path, model):
+    """Keras's own `model.summary()`, nested models opened and each layer's trainability shown."""
+    lines = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), expand_nested=True,
+                  show_trainable=True, line_length=120)
+    path.write_text("\n".join(lines) + "\n")
+
+
+EMBEDDING_IMAGES = 1000  # at most; t-SNE on more would take longer than its 10-second budget
+
+
+def plot_embedding(path, model, images, labels, class_names, title, seed=0):
+    """embedding.png: what the head's last hidden layer makes of the test images, projected to
+    2-D with PCA and with t-SNE (on PCA's 50 first components), coloured by class, with a few
+    thumbnails. At most EMBEDDING_IMAGES images, drawn at random, as the picture says.
+
+    Returns:
+        How many test images the picture shows.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(labels))[:EMBEDDING_IMAGES])
+    last_dense = [layer for layer in activations.all_layers(model) if isinstance(layer, keras.layers.Dense)][-1]
+    (hidden,) = activations.first_calls(model, [last_dense], images[chosen], received=True)
+    hidden = hidden.reshape(len(chosen), -1)
+    principal = decomposition.PCA(min(50, *hidden.shape), random_state=seed).fit_transform(hidden)
+    tsne = manifold.TSNE(2, init="pca", perplexity=min(30, len(chosen) - 1), max_iter=500,
+                         random_state=seed).fit_transform(principal)
+    figure = Figure(figsize=(14, 6.6))
+    colours = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
+    for axes, points, name in zip(figure.subplots(1, 2), (principal[:, :2], tsne), ("PCA", "t-SNE")):
+        for index, class_name in enumerate(class_names):
+            mine = labels[chosen] == index
+            axes.scatter(points[mine, 0], points[mine, 1], s=7, color=colours(index % colours.N), label=class_name)
+        for index in range(len(class_names)):  # two thumbnails of each class
+            for position in np.flatnonzero(labels[chosen] == index)[:2]:
+                thumbnail = matplotlib.offsetbox.OffsetImage(images[chosen[position]], zoom=0.8)
+                axes.add_artist(matplotlib.offsetbox.AnnotationBbox(
+                    thumbnail, points[position], frameon=True, pad=0.1,
+                    bboxprops={"edgecolor": colours(index % colours.N), "linewidth": 1.5}))
+        axes.set_title(f"{name} of the head's last hidden layer ({hidden.shape[1]} values)", fontsize=10)
+        axes.set_xticks([])
+        axes.set_yticks([])
+    figure.axes[0].legend(fontsize=8, markerscale=2.5, loc="best")
+    figure.suptitle(f"{len(chosen):,} of the {len(labels):,} test images"
+                    f"{', drawn at random' if len(chosen) < len(labels) else ''}, one point each\n{title}",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return len(chosen)
+
+
 def write_report_markdown(path, metrics, report_text, title):
     """report.md: the run's figures and pictures on one page, readable on GitHub."""
     rows = "\n".join(
@@ -309,6 +419,16 @@ Hyperparameters: {hyperparameters}. Weights: {metrics['weights']}.
 ## Most confident mistakes
 
 ![most confident mistakes](mistakes.png)
+
+## The model
+
+![the model, layer by layer, trained and frozen](architecture.png)
+
+Keras's summary of it is in `model_summary.txt`.
+
+## The test images as the head sees them
+
+![embedding of the head's last hidden layer](embedding.png)
 
 ## scikit-learn's classification report
 

@@ -75,6 +75,12 @@ class WallTimeEstimate(keras.callbacks.Callback):
         self.printed = True
 
 
+def tensorboard(run, enabled):
+    """[Keras's TensorBoard callback, writing into the run folder's tensorboard/] with
+    `--tensorboard` (cli.run checks that TensorFlow, which writes its logs, is installed), else []."""
+    return [keras.callbacks.TensorBoard(log_dir=str(run.path / "tensorboard"))] if enabled else []
+
+
 class TrainingDiverged(InputError):
     """The loss became NaN or infinite: a hyperparameter (usually the learning rate) is off."""
 
