@@ -41,7 +41,7 @@ FEATURE_LAYER = "block5_pool" if HARDWARE == "gpu" else "block4_pool"  # the hea
 UNFREEZE_FROM = "block1_conv1" if HARDWARE == "gpu" else "block4_conv3"  # phase 2 trains it and all after it
 CACHE_FROZEN_BLOCKS = False if HARDWARE == "gpu" else True  # cache the frozen blocks' output (fast on a CPU)
 AUGMENT = True  # random flips and shifts of images; with cached blocks, each image and its mirror image
-TEST_TIME_FLIP = False  # predict each test image and its mirror image, and average
+TEST_TIME_FLIP = False if HARDWARE == "gpu" else True  # predict each test image and its mirror image; average
 HEAD_UNITS = 512
 HEAD_DROPOUT = 0.5
 EARLY_STOPPING_PATIENCE = 3  # epochs without a lower validation loss before a phase stops
@@ -94,25 +94,26 @@ def main(config):
 
     # Phase 1: the head learns on the frozen base's output, computed once (cached on disk); with
     # CACHE_FROZEN_BLOCKS, from the lower blocks' cached activations, which phase 2 reuses.
-    images, y_train = {"train": dataset.x_train, "val": dataset.x_val}, dataset.y_train
+    images, training_sets = {"train": dataset.x_train, "val": dataset.x_val}, ["train"]
     with run.timed("features"):
         if config.cache_frozen_blocks:
             if config.augment:  # the mirror images too: twice the training set
-                images["train"] = np.concatenate([dataset.x_train, dataset.x_train[:, :, ::-1]])
-                y_train = np.tile(dataset.y_train, 2)
+                images["train_mirrored"], training_sets = data.mirrored(dataset.x_train), ["train", "train_mirrored"]
             images["test"] = dataset.x_test
             if config.test_time_flip:
-                images["test_mirrored"] = dataset.x_test[:, :, ::-1]
+                images["test_mirrored"] = data.mirrored(dataset.x_test)
             activations, _ = features.cached_features(keras.Sequential([preprocessing, lower]), images,
                                                       config.batch_size, config.verbose)
-            cached, _ = features.cached_features(upper, {"train": activations["train"], "val": activations["val"]},
+            cached, _ = features.cached_features(upper, {name: activations[name] for name in [*training_sets, "val"]},
                                                  config.batch_size, config.verbose)
         else:
             cached, _ = features.cached_features(keras.Sequential([preprocessing, base]), images,
                                                  config.batch_size, config.verbose)
+    y_train = np.tile(dataset.y_train, len(training_sets))
     head.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    phase_1 = head.fit(data.Batches(cached["train"], y_train, config.batch_size, shuffle=True, seed=config.seed),
+    phase_1 = head.fit(data.Batches([cached[name] for name in training_sets], y_train, config.batch_size,
+                                    shuffle=True, seed=config.seed),
                        validation_data=data.Batches(cached["val"], dataset.y_val, config.batch_size),
                        epochs=config.epochs, verbose=config.verbose,
                        callbacks=phase_callbacks(run, config, "phase_1", config.epochs, config.learning_rate))
@@ -123,7 +124,7 @@ def main(config):
         layer.trainable = False
     if config.cache_frozen_blocks:  # the trainable top learns on the cached activations
         trained = keras.Sequential([upper, head], name="vgg16_upper_and_head")
-        x_train, x_val = activations["train"], activations["val"]
+        x_train, x_val = [activations[name] for name in training_sets], activations["val"]
     else:  # the whole model learns on images, augmented in training when AUGMENT is on
         training_images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
         augmented = models.vgg16_preprocessing(dataset.image_shape, config.image_size, augment=config.augment)
@@ -145,7 +146,7 @@ def main(config):
     x = preprocessing(test_images)
     predictions = head(base(x))
     if config.test_time_flip:
-        predictions = layers.Average()([predictions, head(base(models.mirror(x.shape[1:])(x)))])
+        predictions = layers.Average(dtype="float32")([predictions, head(base(models.mirror(x.shape[1:])(x)))])
     model = keras.Model(test_images, predictions, name="vgg16_fine_tuned")
     model.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])

@@ -40,7 +40,7 @@ EARLY_STOPPING_PATIENCE = 4 if HARDWARE == "gpu" else 3  # epochs without a lowe
 LR_SCHEDULE = "plateau"  # "plateau": ReduceLROnPlateau; "cosine": a cosine decay over EPOCHS
 REDUCE_LR_PATIENCE = 1  # epochs without a lower validation loss before the rate is cut
 REDUCE_LR_FACTOR = 0.2  # what the rate is multiplied by then
-TEST_TIME_FLIP = False  # also predict each test image's mirror image and average (its features cached too)
+TEST_TIME_FLIP = True  # also predict each test image's mirror image and average (its features cached too)
 
 
 def main(config):
@@ -57,14 +57,14 @@ def main(config):
 
     # Raw uint8 images in; VGG16's preprocessing and the resize inside; features out.
     images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
-    x = models.vgg16_preprocessing(dataset.image_shape, config.image_size)(images)
-    vgg16_features = base(x, training=False)  # inference mode for the frozen base, even while the head trains
+    preprocessed = models.vgg16_preprocessing(dataset.image_shape, config.image_size)(images)
+    vgg16_features = base(preprocessed, training=False)  # inference mode for the frozen base, also in training
     feature_extractor = keras.Model(images, vgg16_features, name="feature_extractor")
 
     # The frozen base gives the same features every epoch: compute them once (cached on disk).
     image_sets = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
     if config.test_time_flip:
-        image_sets["test_mirrored"] = dataset.x_test[:, :, ::-1]
+        image_sets["test_mirrored"] = data.mirrored(dataset.x_test)
     with run.timed("features"):
         cached, from_cache = features.cached_features(feature_extractor, image_sets, config.batch_size,
                                                       config.verbose)
@@ -108,8 +108,8 @@ def main(config):
     # and metric, so the saved model evaluates as is.
     predictions = head(vgg16_features)
     if config.test_time_flip:
-        mirrored = models.mirror(x.shape[1:])(x)
-        predictions = layers.Average()([predictions, head(base(mirrored, training=False))])
+        mirrored = models.mirror(preprocessed.shape[1:])(preprocessed)
+        predictions = layers.Average(dtype="float32")([predictions, head(base(mirrored, training=False))])
     model = keras.Model(images, predictions, name="vgg16_frozen_functional")
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])

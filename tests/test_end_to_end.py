@@ -303,3 +303,25 @@ def test_export_names_a_missing_converter_and_never_writes_into_the_run(pretrain
                              str(pretrained_run / "exported")], capture_output=True, text=True, timeout=300)
     assert inside.returncode == 2 and "is inside the run folder" in inside.stderr
     assert not (pretrained_run / "exported").exists()
+
+
+def test_test_time_flip_averages_each_image_with_its_mirror_image(pretrained_run, shared_data, test_set, tmp_path):
+    """The main job flips by default: its saved model averages each image's prediction with its
+    mirror image's, as its reported figures do. The same run with --no-test-time-flip has the
+    same head (same seed, cached features) and predicts the images alone."""
+    archive, weights = shared_data
+    argv = ["--data", str(archive), "--weights", str(weights), "--subset", str(SUBSET), "--epochs", str(EPOCHS),
+            "--out", str(tmp_path), "--quiet", "--no-test-time-flip"]
+    assert cli.run(transfer_learning.main, vars(transfer_learning), argv) == 0
+    (plain_run,) = (tmp_path / "transfer_learning").iterdir()
+    plain = keras.saving.load_model(plain_run / "model.keras")
+    model = keras.saving.load_model(pretrained_run / "model.keras")
+    assert "mirror" in [layer.name for layer in model.layers] and "mirror" not in [layer.name for layer in plain.layers]
+    images = test_set.x_test[:50]
+    expected = (plain.predict(images, verbose=0) + plain.predict(images[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-5)
+    with open(pretrained_run / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))[:50]
+    np.testing.assert_allclose(expected.max(axis=1), [float(row["confidence"]) for row in rows], atol=1e-4)
+    assert _metrics(pretrained_run)["hyperparameters"]["TEST_TIME_FLIP"] is True
+    assert _metrics(plain_run)["hyperparameters"]["TEST_TIME_FLIP"] is False

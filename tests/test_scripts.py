@@ -66,7 +66,7 @@ FINE_TUNE_RECIPES = {
     "cached": ["--cache-frozen-blocks", "--feature-layer", "block4_pool", "--unfreeze-from", "block4_conv3",
                "--test-time-flip", "--image-size", "32"],
     "images": ["--no-cache-frozen-blocks", "--feature-layer", "block5_pool", "--unfreeze-from", "block5_conv1",
-               "--lr-schedule", "cosine", "--image-size", "32"],
+               "--lr-schedule", "cosine", "--image-size", "32", "--no-test-time-flip"],
 }
 TRAINED_LAYERS = {"cached": ["block4_conv3"], "images": ["block5_conv1", "block5_conv2", "block5_conv3"]}
 

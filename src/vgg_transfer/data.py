@@ -585,6 +585,12 @@ def _first_line(error):
     return text[0] if text else type(error).__name__
 
 
+def mirrored(images):
+    """The images flipped left to right (see `stored.mirrored`): test-time flip averaging and the
+    mirror images that augment cached activations."""
+    return stored.mirrored(images)
+
+
 class Batches(keras.utils.PyDataset):
     """Batches of `x` (and `y`) for `fit`, `evaluate` and `predict`, from arrays in memory or
     stored on disk (a `keras.utils.PyDataset`, so on every backend). With `shuffle`, in a new
@@ -592,7 +598,8 @@ class Batches(keras.utils.PyDataset):
     seed see the same batches.
 
     Args:
-        x: an array or `StoredArray` (N, ...).
+        x: an array or `StoredArray` (N, ...), or a list of them read as one after the other
+            (N the sum of their lengths), e.g. the activations of images and of their mirror images.
         y: the labels (N,), or None for prediction.
         batch_size: images per batch (the last batch takes the rest).
         shuffle: draw a new order every epoch (for training).
@@ -601,23 +608,32 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, x, y=None, batch_size=32, shuffle=False, seed=0):
         super().__init__()
-        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.parts = x if isinstance(x, list) else [x]
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
+        self.y, self.batch_size, self.shuffle, self.seed = y, batch_size, shuffle, seed
         self.epoch = 0
         self.order = self._order()
 
     def _order(self):
         if not self.shuffle:
-            return np.arange(len(self.x))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+            return np.arange(self.starts[-1])
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.starts[-1])
 
     def __len__(self):
-        return math.ceil(len(self.x) / self.batch_size)
+        return math.ceil(self.starts[-1] / self.batch_size)
+
+    def _rows(self, rows):
+        if len(self.parts) == 1:  # in order, one contiguous read; else the rows asked for
+            return self.parts[0][slice(rows[0], rows[-1] + 1) if not self.shuffle else rows]
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        batch = np.empty((len(rows), *self.parts[0].shape[1:]), self.parts[0].dtype)
+        for part in np.unique(part_of):
+            batch[part_of == part] = self.parts[part][rows[part_of == part] - self.starts[part]]
+        return batch
 
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        if not self.shuffle:  # in order: one contiguous read
-            rows = slice(rows[0], rows[-1] + 1)
-        return self.x[rows] if self.y is None else (self.x[rows], self.y[rows])
+        return self._rows(rows) if self.y is None else (self._rows(rows), self.y[rows])
 
     def on_epoch_end(self):
         self.epoch += 1

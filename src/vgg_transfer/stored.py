@@ -96,6 +96,21 @@ class StoredArrayWriter:
         return StoredArray(self.path)
 
 
+def mirrored(array):
+    """Each image of (N, height, width, channels) flipped left to right: a view of an in-memory
+    array; for a StoredArray, a stored copy written once next to it (`<name>.mirrored.npy`)."""
+    if not isinstance(array, StoredArray):
+        return array[:, :, ::-1]
+    path = array.path[:-len(".npy")] + ".mirrored.npy"
+    if not os.path.isfile(path):
+        writer = StoredArrayWriter(path + ".tmp", array.shape, array.dtype)
+        for start, chunk in array.chunks():
+            writer[start:start + len(chunk)] = chunk[:, :, ::-1]
+        writer.close()
+        os.replace(path + ".tmp", path)
+    return StoredArray(path)
+
+
 def take(array, indices, path):
     """Rows `indices` of `array`: in memory for an in-memory array, else written to `path` and
     returned as a `StoredArray`, a chunk at a time."""
