@@ -36,6 +36,18 @@ def test_preprocessing_resizes_inside_the_model_and_augments_only_in_training():
     assert not np.allclose(augmented(images, training=True), resized, atol=1e-2)
 
 
+def test_photos_shrunk_to_a_small_image_size_are_said_to_be_in_one_line(capsys, monkeypatch):
+    """Photos stored at 256 px and IMAGE_SIZE left at 32: the run says the network sees
+    thumbnails and names the --image-size that shows more (at most 4x the side), once."""
+    monkeypatch.setattr(models, "_noted", set())  # said once per process: forget earlier tests'
+    models.vgg16_preprocessing((256, 192, 3), 32)
+    models.vgg16_preprocessing((256, 192, 3), 32)
+    models.vgg16_preprocessing((32, 32, 3), 32)  # CIFAR-10 at its own size: nothing to say
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "stored at 256 px" in lines[0] and "at 32 px" in lines[0]
+    assert "--image-size 128" in lines[0] and "16 times the compute" in lines[0]
+
+
 def test_imagenet_weights_from_in_folder_are_found(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path))
     (tmp_path / models.WEIGHTS_FILE_NAME).symlink_to(shared_data[1])

@@ -9,8 +9,11 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -481,3 +484,83 @@ def test_an_empty_training_class_folder_is_named(tmp_path):
     with pytest.warns(UserWarning, match="Skipped 2 files"):
         with pytest.raises(InputError, match="train/ has no readable images for class dog; add images or remove"):
             data.load_dataset(tmp_path / "tree", cache_dir=tmp_path / "cache", verbose=False)
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _two_workers(shared_data, out_dir, port, interrupt_worker_1=None):
+    """The main job's COMMAND as two JAX worker processes on 127.0.0.1 (each its own process,
+    as on two machines; the same --out, as the same command would give). Returns both
+    finished processes: (returncode, stdout, stderr) each."""
+    archive, weights = shared_data
+    workers = []
+    for index in range(2):
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": "jax",
+                       "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port},127.0.0.1:{port + 1}",
+                       "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": str(index)}
+        environment.pop(SIMULATED_INTERRUPTION, None)
+        if index == 1 and interrupt_worker_1:
+            environment[SIMULATED_INTERRUPTION] = interrupt_worker_1
+        workers.append(subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data", str(archive),
+             "--weights", str(weights), "--out", str(out_dir), *COMMAND],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment))
+    finished = []
+    for worker in workers:
+        try:
+            stdout, stderr = worker.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in workers:
+                other.kill()
+            pytest.fail("a worker did not finish within 300 s")
+        finished.append((worker.returncode, stdout, stderr))
+    return finished
+
+
+def _test_accuracy_line(stdout):
+    return next(line for line in stdout.splitlines() if line.startswith("Test accuracy: "))
+
+
+def test_two_worker_processes_train_as_one_stop_together_and_resume(shared_data, tmp_path, uninterrupted):
+    """Two JAX worker processes on 127.0.0.1 (keras.distribution.DataParallel over both, each
+    feeding half of every batch). Worker 1 is killed (SIGKILL) after epoch 2: worker 0 stops
+    with one line instead of waiting. The same two commands again resume after epoch 2 on both,
+    finish with the same figures, within noise of a single process's run, and only worker 0
+    (the chief) leaves a run folder."""
+    _require_jax()
+    out_dir, port = tmp_path / "out", _free_port()
+    worker_folder = Path(tempfile.gettempdir()) / f"vgg-transfer-worker-{port}-1"
+    (chief_status, _, chief_errors), (killed_status, _, _) = _two_workers(shared_data, out_dir, port,
+                                                                          interrupt_worker_1="2:SIGKILL")
+    assert killed_status == -signal.SIGKILL
+    assert chief_status == 1 and "Traceback" not in chief_errors, chief_errors[-3000:]
+    assert "this worker stopped" in chief_errors.strip().splitlines()[-1]
+    assert not _runs(out_dir)[0] and len(_runs(out_dir)[1]) == 1  # the chief's interrupted run, kept to resume
+
+    (chief_status, chief_output, chief_errors), (status, output, errors) = _two_workers(shared_data, out_dir, port)
+    assert chief_status == 0 and status == 0, (chief_errors[-3000:], errors[-3000:])
+    assert "Resuming after epoch 2" in chief_output and "Resuming after epoch 2" in output
+    assert _test_accuracy_line(chief_output).split(",")[0] == _test_accuracy_line(output).split(",")[0]
+    (run_dir,), partial = _runs(out_dir)
+    assert not partial and not worker_folder.exists()
+    metrics = _metrics(run_dir)
+    assert metrics["environment"]["distribution"]["engine"].endswith("2 worker processes")
+    assert metrics["epochs_run"] == EPOCHS
+    assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=NOISE)
+
+
+def test_incomplete_worker_variables_are_named_in_one_line(shared_data, tmp_path):
+    _require_jax()
+    archive, weights = shared_data
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "KERAS_DISTRIBUTION_JOB_ADDRESSES": "127.0.0.1:1"}
+    environment.pop("KERAS_DISTRIBUTION_NUM_PROCESSES", None)
+    finished = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data",
+                               str(archive), "--weights", str(weights), "--out", str(tmp_path)],
+                              capture_output=True, text=True, env=environment, timeout=120)
+    assert finished.returncode != 0 and "Traceback" not in finished.stderr
+    assert "KERAS_DISTRIBUTION_NUM_PROCESSES" in finished.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())

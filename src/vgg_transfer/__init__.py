@@ -8,7 +8,7 @@
 - `training`: the resume-after-interruption callback and the cosine schedule.
 - `reporting`: every file of a run folder (reports, pictures, the saved model).
 - `runs`: run folders that are published only when complete; the environment record.
-- `distribute`: data-parallel training over every local device (`--distribute`).
+- `distribute`: data-parallel training over every local device (`--distribute`) or several worker processes.
 - `gradcam`, `legacy`, `cache`, `paths`, `errors`: Grad-CAM, old saved models, helpers.
 """
 
@@ -24,3 +24,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TensorFlow's Python-side warnings (tf.function retracing when several models predict in turn)
 # say nothing a user can act on.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+# Training across worker processes (JAX): they must connect before anything lists JAX's
+# devices, which every script's constants do (HARDWARE), so it happens as the package loads.
+if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+    import sys
+
+    from vgg_transfer import distribute
+    from vgg_transfer.errors import first_line
+
+    try:
+        distribute.connect_workers()
+    except (ValueError, RuntimeError) as error:  # InputError among them: variables missing or wrong
+        sys.exit(f"error: {first_line(error)}")
+elif os.environ.get("TF_CONFIG"):
+    import sys
+
+    import keras
+
+    if keras.config.backend() == "tensorflow":  # rather than train a separate copy on every worker
+        sys.exit("error: TF_CONFIG is set, but training across TensorFlow workers (MultiWorkerMirroredStrategy) "
+                 "is not supported yet; train across workers on JAX (docs/design.md, 'Training on several machines')")

@@ -13,13 +13,16 @@ import difflib
 import importlib.util
 import io
 import math
+import os
+import shutil
 import sys
+import tempfile
 import tokenize
 import warnings
 from pathlib import Path
 
 from vgg_transfer import paths
-from vgg_transfer.errors import InputError
+from vgg_transfer.errors import InputError, first_line
 
 # Checks shared by every script, by constant name. Each takes the value and returns None
 # when it is fine, else the accepted range in words.
@@ -297,18 +300,55 @@ def run(main, script_globals, argv=None):
         choice = hardware_choice(source, script_constants)
         if choice:
             print(choice)
+        worker_folder = _worker_folder(config)
         prepare(config, used, script_file.stem)
         if config.quiet:
             warnings.filterwarnings("ignore", category=UserWarning, module="keras")
         main(config)
+        if worker_folder:
+            shutil.rmtree(worker_folder, ignore_errors=True)
+            print(f"This worker's run folder and caches ({worker_folder}) are removed: worker 0 wrote the run")
     except InputError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        return _exit(2)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted. {_interrupted_run_summary()}"
               "Earlier runs in out/ are untouched.", file=sys.stderr)
-        return 130
+        return _exit(130)
+    except Exception as error:
+        if not os.environ.get(JOB_ADDRESSES):
+            raise
+        # Usually another worker stopped: its connection closed in the middle of a collective.
+        print(f"{prog}: error: this worker stopped ({first_line(error)}); probably another worker stopped first. "
+              f"{_interrupted_run_summary()}Every worker runs its command again.", file=sys.stderr)
+        return _exit(1)
     return 0
+
+
+JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"  # set when training across worker processes
+
+
+def _worker_folder(config):
+    """With several worker processes, the run folder and caches of a worker other than the
+    chief (worker 0): a folder of its own, the same for a rerun (which resumes from it) and
+    removed when the run completes; `config.out` and the cache are moved there. Else None."""
+    distribute = sys.modules.get("vgg_transfer.distribute")
+    if not os.environ.get(JOB_ADDRESSES) or distribute is None or distribute.worker_index == 0:
+        return None
+    port = os.environ[JOB_ADDRESSES].split(",")[0].rsplit(":", 1)[-1]
+    folder = Path(tempfile.gettempdir()) / f"vgg-transfer-worker-{port}-{distribute.worker_index}"
+    config.out = str(folder / "out")
+    os.environ["VGG_TRANSFER_CACHE_DIR"] = str(folder / "cache")
+    return folder
+
+
+def _exit(status):
+    """`status` to return; with several worker processes, the process ends here instead: JAX's
+    shutdown would wait minutes for workers that stopped, then abort with a stack trace."""
+    if os.environ.get(JOB_ADDRESSES):
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def run_tool(main, parse_arguments, argv=None):

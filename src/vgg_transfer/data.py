@@ -24,7 +24,6 @@ import math
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -33,8 +32,8 @@ import keras
 import numpy as np
 from PIL import Image
 
-from vgg_transfer import paths, stored
-from vgg_transfer.errors import InputError
+from vgg_transfer import distribute, paths, stored
+from vgg_transfer.errors import InputError, first_line
 
 CIFAR10_CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -138,9 +137,7 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
         print(f"Data: {source}")
     split_folder = cache_dir / f"split-{key}-{seed}-{validation_split}-{subset}"  # used for stored arrays only
     dataset = _split(decoded, source, validation_split, seed, subset, split_folder)
-    # Data parallelism, if set up, has imported `distribute`; loading alone never imports Keras.
-    distribute = sys.modules.get("vgg_transfer.distribute")
-    return distribute.whole_batches(dataset) if distribute else dataset
+    return distribute.whole_batches(dataset)  # the dataset itself without data parallelism
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,7 +191,7 @@ def _download_cifar10():
     except Exception as error:  # Keras raises plain Exceptions for network failures.
         raise InputError(
             f"no data found in {paths.in_dir()} and the CIFAR-10 download failed "
-            f"({_first_line(error)}); put {ACCEPTED_FORMS} into in/, or pass --data PATH"
+            f"({first_line(error)}); put {ACCEPTED_FORMS} into in/, or pass --data PATH"
         ) from None
     return _Decoded(x_train, y_train.reshape(-1).astype(np.int64), x_test,
                     y_test.reshape(-1).astype(np.int64), CIFAR10_CLASS_NAMES)
@@ -212,7 +209,7 @@ def _decode_cached(path, form, cache_dir):
         try:
             return _read_decoded(folder)
         except Exception as error:  # A corrupt or truncated cache is rebuilt, not trusted.
-            warnings.warn(f"Ignoring unreadable data cache {folder} ({_first_line(error)}); decoding again.")
+            warnings.warn(f"Ignoring unreadable data cache {folder} ({first_line(error)}); decoding again.")
     temporary = cache_dir / f".{folder.name}.{os.getpid()}.tmp"
     decoded = None
     try:
@@ -273,7 +270,7 @@ class _Members:
                 }
             except (tarfile.TarError, OSError, EOFError, ValueError) as error:
                 raise InputError(
-                    f"cannot read the archive {path} ({_first_line(error)}); download it again or "
+                    f"cannot read the archive {path} ({first_line(error)}); download it again or "
                     f"unpack it and pass the folder with --data"
                 ) from None
         else:
@@ -290,7 +287,7 @@ class _Members:
             return self._tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError, ValueError) as error:
             raise InputError(
-                f"the archive {self.path} is truncated or corrupt ({_first_line(error)}); download it again"
+                f"the archive {self.path} is truncated or corrupt ({first_line(error)}); download it again"
             ) from None
 
 
@@ -315,7 +312,7 @@ def _decode_cifar_python(path):
         except InputError:
             raise
         except Exception as error:
-            raise InputError(f"cannot read the CIFAR-10 batch {name} in {path} ({_first_line(error)}); download it again") from None
+            raise InputError(f"cannot read the CIFAR-10 batch {name} in {path} ({first_line(error)}); download it again") from None
 
     train = [read_batch(name) for name in train_names]
     x_test, y_test = read_batch(by_basename["test_batch"])
@@ -414,7 +411,7 @@ def _header_size(members, name, skipped):
     except InputError:
         raise
     except Exception as error:
-        skipped.append(f"{name}: {_first_line(error)}")
+        skipped.append(f"{name}: {first_line(error)}")
         return None
 
 
@@ -430,7 +427,7 @@ def _read_into(members, name, x, row, side, skipped):
     except InputError:
         raise
     except Exception as error:
-        skipped.append(f"{name}: {_first_line(error)}")
+        skipped.append(f"{name}: {first_line(error)}")
         return False
 
 
@@ -502,7 +499,7 @@ def read_image_file(path, side):
     except InputError:
         raise
     except Exception as error:
-        raise InputError(f"{path}: not a readable image ({_first_line(error)})") from None
+        raise InputError(f"{path}: not a readable image ({first_line(error)})") from None
 
 
 def _to_square(image, side):
@@ -580,11 +577,6 @@ def stratified_sample(labels, size, rng):
     return sample
 
 
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 def mirrored(images):
     """The images flipped left to right (see `stored.mirrored`): test-time flip averaging and the
     mirror images that augment cached activations."""
@@ -632,7 +624,8 @@ class Batches(keras.utils.PyDataset):
         return batch
 
     def __getitem__(self, index):
-        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        # With several worker processes, each feeds its own share of every batch.
+        rows = distribute.share_of_batch(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         return self._rows(rows) if self.y is None else (self._rows(rows), self.y[rows])
 
     def on_epoch_end(self):

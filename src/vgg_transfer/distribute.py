@@ -1,4 +1,5 @@
-"""Data-parallel training over every local device (`--distribute`), with each backend's own engine.
+"""Data-parallel training over every local device (`--distribute`), or over the devices of
+several worker processes, with each backend's own engine.
 
 On JAX, `keras.distribution.DataParallel` replicates the variables on every device and
 splits each batch between them; on TensorFlow, `tf.distribute.MirroredStrategy` does the
@@ -11,9 +12,20 @@ statistics. So with N devices the batch size must be a multiple of N, the traini
 validation sets lose their last `len % N` images (at most N - 1; the run prints how many),
 and the test set is padded for prediction and the padding's predictions dropped, so the
 test figures always cover every test image.
+
+Several worker processes (one per machine, or two on one machine to try it) train as one on
+JAX: every worker runs the same command, with Keras's own variables naming the workers:
+KERAS_DISTRIBUTION_JOB_ADDRESSES (every worker's host:port, the first one coordinates),
+KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID. `connect_workers` (called
+when the package loads, before JAX is asked for its devices) joins them;
+`keras.distribution.DataParallel` then spans every worker's devices, and each worker feeds its
+own share of every batch (`share_of_batch`). Every worker computes the same figures; worker 0
+(the chief) writes the run folder and the caches, the others keep theirs in a folder of their
+own that is removed when the run completes (see `cli`).
 """
 
 import dataclasses
+import os
 
 import keras
 import numpy as np
@@ -22,6 +34,26 @@ from vgg_transfer.errors import InputError
 
 # How many devices share each batch; 1 unless `configure` set up data parallelism.
 replicas = 1
+# This process's index among the worker processes, and their number (0 and 1: one process).
+worker_index, worker_count = 0, 1
+JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"  # Keras's own variable; set: several workers
+
+
+def connect_workers():
+    """Joins the worker processes that KERAS_DISTRIBUTION_* name (JAX), before any device is
+    listed. Raises InputError with one line when they are incomplete or on another backend."""
+    global worker_index, worker_count
+    if keras.config.backend() != "jax":
+        raise InputError(f"{JOB_ADDRESSES} is set: training across worker processes needs KERAS_BACKEND=jax "
+                         f"(the {keras.config.backend()} backend is not supported yet)")
+    missing = [name for name in ("KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID")
+               if not os.environ.get(name)]
+    if missing:
+        raise InputError(f"{JOB_ADDRESSES} is set but {' and '.join(missing)} not: set them on every worker")
+    import jax  # JAX-only path
+
+    keras.distribution.initialize()  # reads the three variables; waits for every worker to join
+    worker_index, worker_count = jax.process_index(), jax.process_count()
 # What metrics.json records: engine and devices, or None on one device.
 description = None
 
@@ -37,6 +69,7 @@ def configure(enabled, batch_size):
     """
     global replicas, description
     replicas, description = 1, None
+    enabled = enabled or worker_count > 1  # several workers: always data-parallel over all their devices
     if not enabled:
         return
     backend = keras.config.backend()
@@ -54,8 +87,10 @@ def configure(enabled, batch_size):
         raise InputError(f"--batch-size {batch_size} does not split evenly over {len(devices)} devices; "
                          f"pass a multiple of {len(devices)}")
     if backend == "jax":
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        engine = "keras.distribution.DataParallel"
+        # Each worker's batches are its share already (share_of_batch): not sharded again.
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices,
+                                                                            auto_shard_dataset=False))
+        engine = "keras.distribution.DataParallel" + (f", {worker_count} worker processes" if worker_count > 1 else "")
     else:
         tf.distribute.experimental_set_strategy(tf.distribute.MirroredStrategy(devices))
         engine = "tf.distribute.MirroredStrategy"
@@ -104,8 +139,68 @@ def predict(model, x, batch_size, verbose=0):
     outputs dropped. An array stored on disk is read a chunk at a time."""
     if not isinstance(x, np.ndarray):  # a stored.StoredArray
         return np.concatenate([predict(model, chunk, batch_size, verbose) for _, chunk in x.chunks(8192)])
+    if worker_count > 1:
+        return _predict_across_workers(model, x, batch_size)
     padding = -len(x) % replicas
     if padding:
         x = np.concatenate([x, np.repeat(x[-1:], padding, axis=0)])
     outputs = np.asarray(model.predict(x, batch_size=batch_size, verbose=verbose))
     return outputs[: len(outputs) - padding]
+
+
+def share_of_batch(rows):
+    """This worker's share of a batch's rows (all of them with one worker process): the
+    workers together feed the whole batch, each its own contiguous part."""
+    if worker_count == 1:
+        return rows
+    share = len(rows) // worker_count
+    return rows[worker_index * share:(worker_index + 1) * share]
+
+
+def every_worker(flag):
+    """Whether `flag` is true on every worker process (it is with one): for choices that must
+    be the same everywhere, such as reading a cache that one worker may lack."""
+    if worker_count == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # JAX-only path: the workers' collective
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([bool(flag)]))))
+
+
+def check_workers_agree(value, what):
+    """Raises InputError when the worker processes hold different integers `value`, e.g. the
+    epoch each would resume after."""
+    if worker_count == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    values = np.asarray(multihost_utils.process_allgather(np.array([int(value)]))).ravel().tolist()
+    if len(set(values)) > 1:
+        raise InputError(f"the workers disagree on {what} ({', '.join(map(str, values))} for workers 0 to "
+                         f"{len(values) - 1}); delete the interrupted run's folders on every worker to start afresh")
+
+
+def _predict_across_workers(model, x, batch_size):
+    """`model`'s outputs for `x` (the same on every worker), each worker computing its share of
+    every batch and all of them gathered: Keras's `predict` cannot bring back outputs spread
+    over other processes' devices."""
+    import jax  # JAX-only path
+    from jax.experimental import multihost_utils
+
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("batch",)),
+                                          jax.sharding.PartitionSpec("batch"))
+    if not model.built:  # a subclassed model creates its variables on its first call
+        model(x[:1], training=False)
+    forward = jax.jit(lambda trainable, non_trainable, batch: model.stateless_call(
+        trainable, non_trainable, batch, training=False)[0])
+    trainable = [variable.value for variable in model.trainable_variables]
+    non_trainable = [variable.value for variable in model.non_trainable_variables]
+    batch_size = -(-batch_size // replicas) * replicas
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+        local = jax.make_array_from_process_local_data(sharding, share_of_batch(padded))
+        gathered = multihost_utils.process_allgather(forward(trainable, non_trainable, local), tiled=True)
+        outputs.append(np.asarray(gathered, dtype=np.float32)[:len(batch)])
+    return np.concatenate(outputs)

@@ -7,3 +7,9 @@ class InputError(ValueError):
     The message is one sentence that names the problem and the fix; the scripts print it
     as a single line and exit with status 2, without a traceback.
     """
+
+
+def first_line(error):
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -46,6 +46,8 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
     for name, images in image_sets.items():
         cache_file = cache_dir / f"features-{extractor_key}-{_array_key(images)}.npy"
         features[name] = _read(cache_file, (len(images), *feature_shape))
+        if not distribute.every_worker(features[name] is not None):  # worker processes extract together
+            features[name] = None
         if features[name] is None:
             features[name] = _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file)
             extracted.append(name)

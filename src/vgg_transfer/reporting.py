@@ -353,7 +353,7 @@ def plot_embedding(path, model, images, labels, class_names, title, seed=0):
     for start in range(0, len(order), 200):
         rows = np.sort(order[start:start + 200])
         parts.append((rows, activations.first_calls(model, [last_dense], images[rows], received=True)[0]))
-        if time.perf_counter() - started > FORWARD_SECONDS:
+        if not distribute.every_worker(time.perf_counter() - started <= FORWARD_SECONDS):  # the same passes on all
             break
     chosen = np.concatenate([rows for rows, _ in parts])
     hidden = np.concatenate([values.reshape(len(values), -1) for _, values in parts])

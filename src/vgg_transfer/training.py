@@ -13,6 +13,7 @@ import time
 
 import keras
 
+from vgg_transfer import distribute
 from vgg_transfer.errors import InputError
 
 
@@ -131,13 +132,18 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         self._started = time.perf_counter()
-        if self._done_file.is_file():  # this phase completed before the interruption
+        done = distribute.every_worker(self._done_file.is_file())
+        if self._done_file.is_file() and not done:
+            raise InputError(f"{self.phase} completed on some workers only; delete the interrupted run's folders on "
+                             f"every worker to start afresh")
+        if done:  # this phase completed before the interruption
             self.model.load_weights(self.state_dir / "final.weights.h5")
             self.completed_before = json.loads(self._done_file.read_text())
             self.model._initial_epoch = self.params["epochs"]  # as BackupAndRestore does: no epoch left
             print(f"{self.phase}: completed before the interruption; its final weights are restored")
             return
         super().on_train_begin(logs)  # the weights, the optimizer and the epoch to continue from
+        distribute.check_workers_agree(self.model._initial_epoch or 0, "the epoch to resume after")
         metadata = self.state_dir / "backup" / "training_metadata.json"
         if not (self._state_file.is_file() and metadata.is_file()):
             return
