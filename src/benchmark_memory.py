@@ -79,12 +79,11 @@ def write_many(root, count, side, classes=10):
     """`count` small random images, upscaled to `side` (quick to make), in an image-folder tree."""
     rng = np.random.default_rng(0)
     for index in range(count):
-        split = "test" if index % 10 == 9 else "train"
+        split = "test" if (index // classes) % 10 == 9 else "train"  # a tenth of each class
         folder = root / split / f"class{index % classes}"
-        if index < 2 * classes:
-            folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        pixels[..., index % 3] = 40 * (index % classes)  # something to learn
+        pixels[..., index % 3] = 25 * (index % classes)  # something to learn
         Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR).save(folder / f"{index:07d}.jpg")
 
 

@@ -56,7 +56,10 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
     return features, not extracted
 
 
-EXTRACTION_CHUNK = 8192  # images pushed through the extractor at a time, then written out
+# Images pushed through the extractor at a time, then written out: at most this many, and at
+# most EXTRACTION_CHUNK_BYTES of them (8,192 CIFAR-10 images are 25 MB; 224 px photos, 1.2 GB).
+EXTRACTION_CHUNK = 8192
+EXTRACTION_CHUNK_BYTES = 256 * 2**20
 
 
 def _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file):
@@ -68,8 +71,9 @@ def _extract(feature_extractor, images, feature_shape, batch_size, verbose, cach
     except OSError as error:
         warnings.warn(f"Could not write the feature cache {cache_file} ({error}); the next run extracts again.")
         return distribute.predict(feature_extractor, images, batch_size, verbose).astype(np.float32)
-    for start in range(0, len(images), EXTRACTION_CHUNK):
-        chunk = images[start:start + EXTRACTION_CHUNK]
+    rows = max(batch_size, min(EXTRACTION_CHUNK, EXTRACTION_CHUNK_BYTES // max(1, images[:1].nbytes)))
+    for start in range(0, len(images), rows):
+        chunk = images[start:start + rows]
         writer[start:start + len(chunk)] = distribute.predict(feature_extractor, chunk, batch_size, verbose)
     writer.close()
     os.replace(temporary, cache_file)
