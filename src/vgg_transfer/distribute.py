@@ -34,6 +34,8 @@ from vgg_transfer.errors import InputError
 
 # How many devices share each batch; 1 unless `configure` set up data parallelism.
 replicas = 1
+# What metrics.json records: engine and devices, or None on one device.
+description = None
 # This process's index among the worker processes, and their number (0 and 1: one process).
 worker_index, worker_count = 0, 1
 JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"  # Keras's own variable; set: several workers
@@ -54,12 +56,11 @@ def connect_workers():
 
     keras.distribution.initialize()  # reads the three variables; waits for every worker to join
     worker_index, worker_count = jax.process_index(), jax.process_count()
-# What metrics.json records: engine and devices, or None on one device.
-description = None
 
 
 def configure(enabled, batch_size):
-    """Sets up data parallelism over all local devices when `enabled` (the `--distribute` flag).
+    """Sets up data parallelism over all local devices when `enabled` (the `--distribute` flag),
+    and always over every worker's devices when several worker processes are connected.
 
     Call before any model is built (its variables must be created on every device).
 
