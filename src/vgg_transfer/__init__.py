@@ -14,6 +14,7 @@
 
 import logging
 import os
+import sys
 
 # Quieten TensorFlow's C++ logging (on a CPU-only machine it logs a CUDA "error" that is
 # none, "failed call to cuInit"). TensorFlow reads this once, as it loads, so every script
@@ -25,11 +26,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # say nothing a user can act on.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
-# Training across worker processes (JAX): they must connect before anything lists JAX's
-# devices, which every script's constants do (HARDWARE), so it happens as the package loads.
-if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
-    import sys
+# Keras's variable naming every worker process; set, the scripts train across them (JAX).
+JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
 
+# Training across worker processes: they must connect before anything lists JAX's devices,
+# which every script's constants do (HARDWARE), so it happens as the package loads.
+if os.environ.get(JOB_ADDRESSES):
     from vgg_transfer import distribute
     from vgg_transfer.errors import first_line
 
@@ -38,8 +40,6 @@ if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
     except (ValueError, RuntimeError) as error:  # InputError among them: variables missing or wrong
         sys.exit(f"error: {first_line(error)}")
 elif os.environ.get("TF_CONFIG"):
-    import sys
-
     import keras
 
     if keras.config.backend() == "tensorflow":  # rather than train a separate copy on every worker

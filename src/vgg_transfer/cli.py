@@ -21,7 +21,7 @@ import tokenize
 import warnings
 from pathlib import Path
 
-from vgg_transfer import paths
+from vgg_transfer import JOB_ADDRESSES, paths
 from vgg_transfer.errors import InputError, first_line
 
 # Checks shared by every script, by constant name. Each takes the value and returns None
@@ -323,9 +323,6 @@ def run(main, script_globals, argv=None):
               f"{_interrupted_run_summary()}Every worker runs its command again.", file=sys.stderr)
         return _exit(1)
     return 0
-
-
-JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"  # set when training across worker processes
 
 
 def _worker_folder(config):

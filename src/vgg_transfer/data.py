@@ -518,11 +518,11 @@ def _split(decoded, source, validation_split, seed, subset, folder):
     complete = folder / "complete"
 
     def rows(array, indices, name):
-        if not isinstance(array, stored.StoredArray):
-            return np.ascontiguousarray(array[indices])
-        folder.mkdir(parents=True, exist_ok=True)
-        return stored.StoredArray(folder / f"{name}.npy") if complete.is_file() else \
-            stored.take(array, indices, folder / f"{name}.npy")
+        if isinstance(array, stored.StoredArray):
+            if complete.is_file():
+                return stored.StoredArray(folder / f"{name}.npy")
+            folder.mkdir(parents=True, exist_ok=True)
+        return stored.take(array, indices, folder / f"{name}.npy")
 
     rng = np.random.default_rng(seed)
     x_train, y_train, x_test, y_test = decoded.x_train, decoded.y_train, decoded.x_test, decoded.y_test

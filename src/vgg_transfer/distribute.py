@@ -30,6 +30,7 @@ import os
 import keras
 import numpy as np
 
+from vgg_transfer import JOB_ADDRESSES
 from vgg_transfer.errors import InputError
 
 # How many devices share each batch; 1 unless `configure` set up data parallelism.
@@ -38,7 +39,6 @@ replicas = 1
 description = None
 # This process's index among the worker processes, and their number (0 and 1: one process).
 worker_index, worker_count = 0, 1
-JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"  # Keras's own variable; set: several workers
 
 
 def connect_workers():

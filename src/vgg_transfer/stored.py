@@ -44,9 +44,11 @@ class StoredArray:
     def nbytes(self):
         return len(self) * self.row_bytes
 
-    def _rows(self, start, stop):
-        with open(self.path, "rb") as file:
-            data = os.pread(file.fileno(), (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
+    def _rows(self, start, stop, file=None):
+        if file is None:
+            with open(self.path, "rb") as file:
+                return self._rows(start, stop, file)
+        data = os.pread(file.fileno(), (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
         return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:])).copy()
 
     def __getitem__(self, key):
@@ -62,9 +64,10 @@ class StoredArray:
         if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
             raise TypeError(f"a StoredArray takes an int, a slice or row indices, not {key!r}")
         out = np.empty((len(indices), *self.shape[1:]), self.dtype)
-        order = np.argsort(indices, kind="stable")  # read in file order
-        for position, index in zip(order, indices[order]):
-            out[position] = self._rows(int(index), int(index) + 1)[0]
+        order = np.argsort(indices, kind="stable")  # read in file order, the file opened once
+        with open(self.path, "rb") as file:
+            for position, index in zip(order, indices[order]):
+                out[position] = self._rows(int(index), int(index) + 1, file)[0]
         return out
 
     def chunks(self, rows=1024):

@@ -132,11 +132,8 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         self._started = time.perf_counter()
-        done = distribute.every_worker(self._done_file.is_file())
-        if self._done_file.is_file() and not done:
-            raise InputError(f"{self.phase} completed on some workers only; delete the interrupted run's folders on "
-                             f"every worker to start afresh")
-        if done:  # this phase completed before the interruption
+        distribute.check_workers_agree(self._done_file.is_file(), f"whether {self.phase} completed")
+        if self._done_file.is_file():  # this phase completed before the interruption
             self.model.load_weights(self.state_dir / "final.weights.h5")
             self.completed_before = json.loads(self._done_file.read_text())
             self.model._initial_epoch = self.params["epochs"]  # as BackupAndRestore does: no epoch left
