@@ -17,23 +17,22 @@ when AUGMENT is on; the saved model leaves the augmentation out.
 
 import sys
 
-# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
+# The project's package first: it loads Keras without TensorFlow's start-up lines.
 from vgg_transfer import cli, data, devices, distribute, models, reporting, runs, training
-from vgg_transfer.errors import InputError
 
 import keras
 from keras import layers
 
 # Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
-# Where a GPU and a CPU want different values, HARDWARE chooses: "gpu" where Keras sees a GPU.
-HARDWARE = devices.hardware()
+HARDWARE = devices.hardware()  # "gpu", "cpu_amx" (a CPU with AMX) or "cpu": picks the values that differ
+PRECISION = "auto"  # "auto" (the device's fastest at full accuracy), "float32", "bfloat16" or "float16"
 MODEL = "small_cnn"  # or "vgg11_bn", "vgg16_bn"
 EPOCHS = 30  # at most; early stopping may end training sooner
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3  # AdamW's
 # AdamW's decoupled decay shrinks each kernel by LEARNING_RATE * WEIGHT_DECAY a step: an
 # SGD-style 5e-4 would be 5e-7 a step here, next to nothing (see docs/results.md).
-WEIGHT_DECAY = 0.05
+WEIGHT_DECAY = 0.05  # AdamW's, on the kernels only
 IMAGE_SIZE = 32  # the side the network sees; images are resized to it inside the model
 VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
 SEED = 42
@@ -66,23 +65,23 @@ def convolution_stack(x, layout, dropout=0.25):
     return x
 
 
-def build_network(image_shape, num_classes, config):
+def build_network(image_shape, num_classes):
     """Images scaled to [-1, 1] in, class probabilities out; MODEL chooses the network."""
     inputs = keras.Input(shape=image_shape, name="scaled_images")
     x = inputs
-    if tuple(image_shape[:2]) != (config.image_size, config.image_size):
-        models.note_downscaling(image_shape, config.image_size)
-        x = layers.Resizing(config.image_size, config.image_size, name="resize")(x)
-    if config.model == "small_cnn":
+    if tuple(image_shape[:2]) != (IMAGE_SIZE, IMAGE_SIZE):
+        models.note_downscaling(image_shape, IMAGE_SIZE)
+        x = layers.Resizing(IMAGE_SIZE, IMAGE_SIZE, name="resize")(x)
+    if MODEL == "small_cnn":
         x = convolution_stack(x, SMALL_CNN_LAYOUT)
         x = layers.Flatten()(x)
         x = layers.Dense(512, use_bias=False)(x)
         x = layers.BatchNormalization()(x)
         x = layers.Activation("relu")(x)
     else:
-        x = convolution_stack(x, VGG_LAYOUTS[config.model])
+        x = convolution_stack(x, VGG_LAYOUTS[MODEL])
         x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(config.head_dropout)(x)
+    x = layers.Dropout(HEAD_DROPOUT)(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="network")
 
@@ -95,54 +94,53 @@ def decoupled_weight_decay(model, learning_rate, weight_decay):
     return optimizer
 
 
-def main(config):
-    if config.model not in ("small_cnn", *VGG_LAYOUTS):
-        raise InputError(f"--model {config.model!r} is not a baseline; use small_cnn, vgg11_bn or vgg16_bn")
-    keras.utils.set_random_seed(config.seed)
-    run = runs.Run(config.out, config.script_name, config.resume_key)
+def main(setup):
+    keras.utils.set_random_seed(SEED)
+    run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
 
     # Raw uint8 images, scaled to [-1, 1]; augmented in training only; then the network.
-    network = build_network(dataset.image_shape, dataset.num_classes, config)
+    network = build_network(dataset.image_shape, dataset.num_classes)
     images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
     scaled = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(images)
-    model = keras.Model(images, network(scaled), name=config.model)
-    augmented = models.augmentation()(scaled) if config.augment else scaled
-    trained = keras.Model(images, network(augmented), name=f"{config.model}_augmented")
+    model = keras.Model(images, network(scaled), name=MODEL)
+    augmented = models.augmentation()(scaled) if AUGMENT else scaled
+    trained = keras.Model(images, network(augmented), name=f"{MODEL}_augmented")
 
-    trained.compile(optimizer=decoupled_weight_decay(trained, config.learning_rate, config.weight_decay),
+    trained.compile(optimizer=decoupled_weight_decay(trained, LEARNING_RATE, WEIGHT_DECAY),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if LR_SCHEDULE == "plateau":
+        schedule = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=REDUCE_LR_FACTOR,
+                                                     patience=REDUCE_LR_PATIENCE, verbose=1)
+    else:  # "cosine"
+        schedule = keras.callbacks.LearningRateScheduler(training.cosine_decay(LEARNING_RATE, EPOCHS))
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=EARLY_STOPPING_PATIENCE,
                                       restore_best_weights=True, verbose=1),
         keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / "best.keras", monitor="val_loss",
                                         save_best_only=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
-                                          patience=config.reduce_lr_patience, verbose=1)
-        if config.lr_schedule == "plateau" else
-        keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
-        keras.callbacks.TerminateOnNaN(),
-        training.WallTimeEstimate(),  # prints about how long training will take
-        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
+        schedule,
     ]
-    callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
-    training_batches = data.Batches(dataset.x_train, dataset.y_train, config.batch_size, shuffle=True,
-                                    seed=config.seed)
-    validation_batches = data.Batches(dataset.x_val, dataset.y_val, config.batch_size)
-    history = trained.fit(training_batches, validation_data=validation_batches, epochs=config.epochs,
-                          callbacks=callbacks, verbose=config.verbose)
+    # Batches shuffles every epoch in an order drawn from SEED and the epoch (so fit must not):
+    # with the project's callbacks, a run stopped by Ctrl-C or a crash continues exactly.
+    training_batches = data.Batches(dataset.x_train, dataset.y_train, BATCH_SIZE, shuffle=True,
+                                    seed=SEED)
+    callbacks += training.project_callbacks(run, callbacks, training_batches)
+    validation_batches = data.Batches(dataset.x_val, dataset.y_val, BATCH_SIZE)
+    history = trained.fit(training_batches, validation_data=validation_batches, epochs=EPOCHS,
+                          callbacks=callbacks, verbose=setup.verbose, shuffle=False)
 
     # The saved model: the same layers without the augmentation, compiled as it was trained.
-    model.compile(optimizer=decoupled_weight_decay(model, config.learning_rate, config.weight_decay),
+    model.compile(optimizer=decoupled_weight_decay(model, LEARNING_RATE, WEIGHT_DECAY),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     with run.timed("evaluation"):
-        test_predictions = distribute.predict(model, dataset.x_test, config.batch_size)
-    reporting.write_run(run, model, dataset, history, test_predictions, config.settings, notes={
+        test_predictions = distribute.predict(model, dataset.x_test, BATCH_SIZE)
+    reporting.write_run(run, model, dataset, history, test_predictions, notes={
         "api": "functional",
-        "strategy": f"{config.model} from scratch" + (" with augmentation" if config.augment else ""),
+        "strategy": f"{MODEL} from scratch" + (" with augmentation" if AUGMENT else ""),
     })
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, globals()))
+    sys.exit(cli.run(main, globals(), pretrained=False))

@@ -1,22 +1,26 @@
-"""How fast VGG16 runs here, against what this device can do: a throughput benchmark.
+"""How fast VGG16 runs here, in each precision the device offers, against what this device can
+do in that precision: a throughput benchmark.
 
-For each IMAGE_SIZES entry it measures images per second for VGG16 inference (the frozen
-feature extraction: the whole convolutional base) and for training steps (base and a
-small head all trainable, as in fine-tuning from block 1), on batches of raw uint8
-32x32 images upscaled inside the model, as the project's scripts feed them. From the
-counted FLOPs of the convolutions (a training step counted as 3x the forward pass: the
-forward, and the gradients for activations and for weights) it gives the achieved FLOP/s,
-and divides by the device's peak measured in the same run: a large matrix product in the
-compute dtype (float32, or bfloat16 with --mixed-precision). With --distribute the batches
-are split over every local device and the peak is one device's times their number.
+For each precision (PRECISIONS: by default every one the device computes natively, see
+`devices.offered_precisions`: float32, and bfloat16 on a CPU with bfloat16 units; on an
+NVIDIA GPU also float16 and bfloat16 by compute capability) and each IMAGE_SIZES entry it
+measures images per second for VGG16 inference (the frozen feature extraction: the whole
+convolutional base) and for training steps (base and a small head all trainable, as in
+fine-tuning from block 1), on batches of raw uint8 32x32 images upscaled inside the model, as
+the project's scripts feed them. From the counted FLOPs of the convolutions (a training step
+counted as 3x the forward pass: the forward, and the gradients for activations and for
+weights) it gives the achieved FLOP/s, and divides by the peak of that precision measured in
+the same run: a large matrix product in its compute dtype. "Of peak" is so the share of what
+the device can do in that precision. With --distribute the batches are split over every local
+device and the peak is one device's times their number.
 
 Random images and random weights: the speed does not depend on them, so --data and
 --weights are not used. A table is printed and the figures are written as JSON to
 out/benchmark/.
 
-    python src/benchmark.py                                   # the CPU, TensorFlow
-    python src/benchmark.py --image-sizes 32,64 --batch-size 32
-    KERAS_BACKEND=jax python src/benchmark.py --mixed-precision --batch-size 256   # a GPU
+    python src/benchmark.py                                   # every precision this machine offers
+    python src/benchmark.py --image-sizes 32,64 --precisions float32
+    KERAS_BACKEND=jax python src/benchmark.py --batch-size 256   # a GPU
 """
 
 import json
@@ -24,19 +28,31 @@ import sys
 import time
 from pathlib import Path
 
-# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
-from vgg_transfer import cli, distribute, models, runs
+# The project's package first: it loads Keras without TensorFlow's start-up lines.
+from vgg_transfer import cli, devices, distribute, models, runs
 from vgg_transfer.errors import InputError
 
 import keras
 import numpy as np
 
 IMAGE_SIZES = "32,64,224"
+PRECISIONS = "offered"  # "offered" (every precision the device computes natively) or a list, e.g. float32,bfloat16
 BATCH_SIZE = 64
 MIN_SECONDS = 3.0  # each figure times whole batches for at least this long, after a warm-up
 MATMUL_SIZE = 4096  # side of the square matrices whose product measures the peak
 SEED = 42
 CIFAR10_IMAGE_SHAPE = (32, 32, 3)  # what the model takes in, upscaled inside it
+
+
+def parse_precisions(text):
+    if text == "offered":
+        return devices.offered_precisions()
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in chosen if name not in devices.DTYPE_POLICIES]
+    if not chosen or unknown:
+        raise InputError(f"--precisions {text!r}: pass 'offered' or some of {', '.join(devices.DTYPE_POLICIES)}, "
+                         f"comma-separated")
+    return chosen
 
 
 def parse_sizes(text):
@@ -84,7 +100,7 @@ def images_per_second(step, batch_size, min_seconds):
 
 def matmul_peak(size, min_seconds):
     """FLOP/s of a square matrix product in the compute dtype, the device's practical peak."""
-    dtype = keras.config.dtype_policy().compute_dtype
+    dtype = keras.DTYPE_POLICY().compute_dtype
     rng = np.random.default_rng(0)
     a = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
     b = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
@@ -93,7 +109,7 @@ def matmul_peak(size, min_seconds):
         c = a
         for _ in range(count):
             c = keras.ops.matmul(a, b)
-        keras.ops.convert_to_numpy(c[0, 0])  # waits for asynchronous backends (JAX) to finish
+        keras.ops.convert_to_numpy(keras.ops.cast(c[0, 0], "float32"))  # waits for asynchronous backends (JAX)
 
     products(2)
     start = time.perf_counter()
@@ -104,24 +120,19 @@ def matmul_peak(size, min_seconds):
     return count * 2 * size**3 / (time.perf_counter() - start)
 
 
-def main(config):
-    sizes = parse_sizes(config.image_sizes)
-    keras.utils.set_random_seed(config.seed)  # cli.run has set the precision and, with --distribute, the devices
-    environment = runs.environment()
-    print(f"Backend {environment['backend']}, device {environment['device']}, "
-          f"{keras.config.dtype_policy().name}, batch size {config.batch_size}")
-
+def measure(precision, sizes, rng):
+    """{"precision", "matmul_tflops", "results": [a row per image size]} for one precision."""
+    devices.set_precision(precision)
     # One device's product; with --distribute, the devices together can do that many times as much.
-    peak = matmul_peak(config.matmul_size, config.min_seconds) * distribute.replicas
-    print(f"Peak: {peak / 1e12:.2f} TFLOP/s ({config.matmul_size}x{config.matmul_size} matrix product, "
-          f"{keras.config.dtype_policy().compute_dtype}"
-          f"{f', one device times {distribute.replicas}' if distribute.replicas > 1 else ''})")
-    rng = np.random.default_rng(config.seed)
+    peak = matmul_peak(MATMUL_SIZE, MIN_SECONDS) * distribute.replicas()
+    print(f"{precision}: peak {peak / 1e12:.2f} TFLOP/s ({MATMUL_SIZE}x{MATMUL_SIZE} matrix product"
+          f"{f', one device times {distribute.replicas()}' if distribute.replicas() > 1 else ''})", flush=True)
     rows = []
     for size in sizes:
+        devices.set_precision(precision)  # again: clear_session (below) resets Keras's dtype policy
         model, base = build_model(size)
         flops = forward_flops(base)
-        batch = config.batch_size
+        batch = BATCH_SIZE
         images = rng.integers(0, 256, (batch, *CIFAR10_IMAGE_SHAPE), dtype=np.uint8)
         labels = rng.integers(0, 10, batch)
 
@@ -134,52 +145,59 @@ def main(config):
             model.fit(np.concatenate([images] * n_batches), np.concatenate([labels] * n_batches),
                       batch_size=batch, epochs=1, shuffle=False, verbose=0)
 
-        row = {"image_size": size, "forward_gflops_per_image": flops / 1e9}
+        row = {"image_size": size, "dtype_policy": model.dtype_policy.name, "forward_gflops_per_image": flops / 1e9}
         for name, step, flops_per_image in (("inference", inference, flops), ("training", training, 3 * flops)):
-            rate = images_per_second(step, batch, config.min_seconds)
+            rate = images_per_second(step, batch, MIN_SECONDS)
             row[name] = {
                 "images_per_second": rate,
                 "tflops": rate * flops_per_image / 1e12,
                 "fraction_of_peak": rate * flops_per_image / peak,
             }
             print(f"  {size:>4} px {name:<9} {rate:10.1f} img/s  {rate * flops_per_image / 1e12:8.2f} TFLOP/s  "
-                  f"{rate * flops_per_image / peak:6.1%} of peak", flush=True)
+                  f"{rate * flops_per_image / peak:6.1%} of {precision}'s peak", flush=True)
         rows.append(row)
         keras.backend.clear_session()
+    return {"precision": precision, "dtype_policy": devices.DTYPE_POLICIES[precision], "matmul_tflops": peak / 1e12,
+            "results": rows}
 
+
+def main(setup):
+    sizes = parse_sizes(IMAGE_SIZES)
+    precisions = parse_precisions(PRECISIONS)
+    keras.utils.set_random_seed(SEED)  # cli.run has set up the devices (with --distribute)
+    environment = runs.environment()
+    print(f"Backend {environment['backend']}, device {environment['device']}, precisions {', '.join(precisions)}, "
+          f"batch size {BATCH_SIZE}")
+    rng = np.random.default_rng(SEED)
+    measured = [measure(precision, sizes, rng) for precision in precisions]
     print()
-    print(markdown_table(rows, peak))
-    result = {
-        "environment": environment,
-        "dtype_policy": keras.config.dtype_policy().name,
-        "batch_size": config.batch_size,
-        "matmul": {"size": config.matmul_size, "tflops": peak / 1e12},
-        "results": rows,
-    }
-    out_dir = Path(config.out) / "benchmark"
+    print(markdown_table(measured))
+    result = {"environment": environment, "batch_size": BATCH_SIZE, "matmul_size": MATMUL_SIZE,
+              "precisions": measured}
+    out_dir = Path(setup.out) / "benchmark"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"benchmark-{environment['backend']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nWritten: {path}")
 
 
-def markdown_table(rows, peak):
+def markdown_table(measured):
     lines = [
-        f"Matrix-product peak: {peak / 1e12:.2f} TFLOP/s",
-        "",
-        "| image size | GFLOPs/image (forward) | inference img/s | inference TFLOP/s | of peak "
-        "| training img/s | training TFLOP/s | of peak |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| precision | matrix-product peak (TFLOP/s) | image size | GFLOPs/image (forward) | inference img/s "
+        "| inference TFLOP/s | of peak | training img/s | training TFLOP/s | of peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in rows:
-        inference, training = row["inference"], row["training"]
-        lines.append(
-            f"| {row['image_size']} | {row['forward_gflops_per_image']:.2f} "
-            f"| {inference['images_per_second']:.0f} | {inference['tflops']:.2f} | {inference['fraction_of_peak']:.0%} "
-            f"| {training['images_per_second']:.0f} | {training['tflops']:.2f} | {training['fraction_of_peak']:.0%} |"
-        )
+    for precision in measured:
+        for row in precision["results"]:
+            inference, training = row["inference"], row["training"]
+            lines.append(
+                f"| {precision['precision']} | {precision['matmul_tflops']:.2f} | {row['image_size']} "
+                f"| {row['forward_gflops_per_image']:.2f} | {inference['images_per_second']:.0f} "
+                f"| {inference['tflops']:.2f} | {inference['fraction_of_peak']:.0%} "
+                f"| {training['images_per_second']:.0f} | {training['tflops']:.2f} | {training['fraction_of_peak']:.0%} |"
+            )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, globals()))
+    sys.exit(cli.run(main, globals(), pretrained=False))

@@ -20,8 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from vgg_transfer import cli, models, paths, runs
+from vgg_transfer import cli, paths, runs, saved_models
 from vgg_transfer.errors import InputError
+
+# The class of subclassed_model.keras, which the subclassed script defines and registers:
+import transfer_learning_subclassed  # noqa: F401
 
 FORMATS = {  # format: (file or folder name, packages its converter needs)
     "tf_saved_model": ("saved_model", "tensorflow"),
@@ -60,7 +63,7 @@ def parse_arguments(argv=None):
 
 def main(arguments):
     run_dir = Path(arguments.run)
-    model, class_names, side = models.load_saved_classifier(run_dir)
+    model, class_names, side = saved_models.load_saved_classifier(run_dir)
     default = paths.out_dir() / "export" / f"{run_dir.name}-{arguments.format}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(arguments.out or default)
     if run_dir.is_dir() and folder.resolve().is_relative_to(run_dir.resolve()):

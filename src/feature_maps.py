@@ -18,12 +18,16 @@ import sys
 import time
 from pathlib import Path
 
+# The project's package first: it loads Keras without TensorFlow's start-up lines.
+from vgg_transfer import activations, cli, paths, runs, saved_models
+from vgg_transfer.errors import InputError
+
 import keras
 import numpy as np
 from matplotlib.figure import Figure
 
-from vgg_transfer import activations, cli, models, paths, runs
-from vgg_transfer.errors import InputError
+# The class of subclassed_model.keras, which the subclassed script defines and registers:
+import transfer_learning_subclassed  # noqa: F401
 
 CHANNELS = 8  # the strongest channels shown per layer
 
@@ -90,9 +94,9 @@ def plot(path, image, caption, maps_by_layer, title):
 
 def main(arguments):
     runs.check_writable(arguments.out)
-    model, class_names, side = models.load_saved_classifier(arguments.model)
+    model, class_names, side = saved_models.load_saved_classifier(arguments.model)
     layers = chosen_layers(model, arguments.layers)
-    images, captions = models.images_to_show(arguments.images, arguments.model, side, len(class_names),
+    images, captions = saved_models.images_to_show(arguments.images, arguments.model, side, len(class_names),
                                              arguments.data)
     outputs = activations.first_calls(model, layers, images)
     folder = Path(arguments.out) / "feature_maps" / time.strftime("%Y%m%d-%H%M%S")

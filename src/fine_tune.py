@@ -1,25 +1,17 @@
 """Two-phase selective fine-tuning of an ImageNet VGG16 on CIFAR-10 (Keras's recommended recipe).
 
-Phase 1 trains a new head on the frozen base. Phase 2 unfreezes the base from a named layer
-(UNFREEZE_FROM) and recompiles with a much lower learning rate, so the pretrained weights are
-adjusted rather than overwritten, from phase 1's best weights. The loss plot spans both.
+Phase 1 trains a new head on the frozen base. Phase 2 unfreezes the base from UNFREEZE_FROM and
+recompiles at a 10x lower rate: the pretrained weights are adjusted, not overwritten.
 
-Two recipes, chosen by the hardware (see HARDWARE):
-
-- on a GPU, phase 2 trains the whole model on images upscaled to IMAGE_SIZE, randomly
-  flipped and shifted (AUGMENT);
-- on a CPU (CACHE_FROZEN_BLOCKS), the blocks that stay frozen see the same images every epoch,
-  so their activations, for every image and for its mirror image (the augmentation that
-  survives caching), are computed once and cached; phase 1 trains the head and phase 2 the
-  unfrozen top of the base and the head on them, in minutes. The head sits on block 4, whose
-  2x2 output at 32 px keeps more than block 5's 1x1 (see docs/results.md).
+Two recipes: `on_images` (a GPU's) and `on_cached_activations` (a CPU's, CACHE_FROZEN_BLOCKS).
+The head sits on block 4 on a CPU, which keeps more of a small image than block 5.
 
     python src/fine_tune.py                                # this machine's recipe
 """
 
 import sys
 
-# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
+# The project's package first: it loads Keras without TensorFlow's start-up lines.
 from vgg_transfer import cli, data, devices, distribute, features, models, reporting, runs, training
 
 import keras
@@ -27,14 +19,14 @@ import numpy as np
 from keras import layers
 
 # Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
-# Where a GPU and a CPU want different values, HARDWARE chooses: "gpu" where Keras sees a GPU.
-HARDWARE = devices.hardware()
+HARDWARE = devices.hardware()  # "gpu", "cpu_amx" (a CPU with AMX) or "cpu": picks the values that differ
+PRECISION = "auto"  # "auto" (the device's fastest at full accuracy), "float32", "bfloat16" or "float16"
 EPOCHS = 3 if HARDWARE == "gpu" else 10  # phase 1, the head on the frozen base: at most this many epochs
 FINE_TUNE_EPOCHS = 8 if HARDWARE == "gpu" else 6  # phase 2, the unfrozen top of the base and the head
 BATCH_SIZE = 250 if HARDWARE == "gpu" else 128
 LEARNING_RATE = 1e-3  # Adam's, in phase 1
 FINE_TUNE_LEARNING_RATE = 1e-4  # in phase 2: small, to adjust the pretrained weights, not overwrite them
-IMAGE_SIZE = 128 if HARDWARE == "gpu" else 32  # the side VGG16 sees; images are resized to it inside the model
+IMAGE_SIZE = {"gpu": 128, "cpu_amx": 64, "cpu": 32}[HARDWARE]  # the side VGG16 sees; resized inside the model
 VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
 SEED = 42
 FEATURE_LAYER = "block5_pool" if HARDWARE == "gpu" else "block4_pool"  # the head's input: where VGG16 is cut
@@ -50,120 +42,128 @@ REDUCE_LR_PATIENCE = 1  # epochs without a lower validation loss before the rate
 REDUCE_LR_FACTOR = 0.2  # what the rate is multiplied by then
 
 
-def phase_callbacks(run, config, phase, epochs, learning_rate):
-    """The callbacks of one phase, each watching the validation loss, and resumable."""
+def fit_phase(run, phase, model, learning_rate, epochs, x_train, y_train, x_val, y_val):
+    """Compiles `model` at `learning_rate` and fits it, every callback watching the validation loss."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    if LR_SCHEDULE == "plateau":
+        schedule = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=REDUCE_LR_FACTOR,
+                                                     patience=REDUCE_LR_PATIENCE, verbose=1)
+    else:  # "cosine"
+        schedule = keras.callbacks.LearningRateScheduler(training.cosine_decay(learning_rate, epochs))
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=EARLY_STOPPING_PATIENCE,
                                       restore_best_weights=True, verbose=1),
         keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / f"best_{phase}.keras", monitor="val_loss",
                                         save_best_only=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
-                                          patience=config.reduce_lr_patience, verbose=1)
-        if config.lr_schedule == "plateau" else
-        keras.callbacks.LearningRateScheduler(training.cosine_decay(learning_rate, epochs)),
-        keras.callbacks.TerminateOnNaN(),
-        training.WallTimeEstimate(phase),  # prints about how long the phase will take
-        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
+        schedule,
     ]
-    return [*callbacks, training.ResumeAfterInterruption(run, callbacks, phase)]  # rerun to go on after Ctrl-C
+    # Batches shuffles every epoch in an order drawn from SEED and the epoch (so fit must not):
+    # with the project's callbacks, a run stopped by Ctrl-C or a crash continues exactly.
+    training_batches = data.Batches(x_train, y_train, BATCH_SIZE, shuffle=True, seed=SEED)
+    callbacks += training.project_callbacks(run, callbacks, training_batches, phase)
+    validation = data.Batches(x_val, y_val, BATCH_SIZE)
+    run.checks[f"{phase}_start_val_loss"] = model.evaluate(validation, verbose=0)[0]  # phase 2: phase 1's best
+    return model.fit(training_batches, validation_data=validation, epochs=epochs, callbacks=callbacks,
+                     shuffle=False, verbose=run.setup.verbose)
 
 
-def main(config):
-    keras.utils.set_random_seed(config.seed)
-    run = runs.Run(config.out, config.script_name, config.resume_key)
+def on_images(run, dataset, preprocessing, base, head):
+    """Keras's recipe (GPU): the head on the frozen base's features, computed once; then, after
+    unfreezing from UNFREEZE_FROM, the base and the head together on augmented images."""
+    with run.timed("features"):
+        cached, _ = features.cached_features(keras.Sequential([preprocessing, base]),
+                                             {"train": dataset.x_train, "val": dataset.x_val}, BATCH_SIZE,
+                                             run.setup.verbose)
+    phase_1 = fit_phase(run, "phase_1", head, LEARNING_RATE, EPOCHS, cached["train"], dataset.y_train,
+                        cached["val"], dataset.y_val)
+    # Unfreeze from UNFREEZE_FROM on, recompile at a low rate and fit again, from phase 1's best weights.
+    unfreeze_from(base, UNFREEZE_FROM)
+    images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
+    augmented = models.vgg16_preprocessing(dataset.image_shape, IMAGE_SIZE, augment=AUGMENT)(images)
+    trained = keras.Model(images, head(base(augmented)), name="vgg16_training")
+    phase_2 = fit_phase(run, "phase_2", trained, FINE_TUNE_LEARNING_RATE, FINE_TUNE_EPOCHS, dataset.x_train,
+                        dataset.y_train, dataset.x_val, dataset.y_val)
+    model = whole_model(dataset, preprocessing, base, head)
+    with run.timed("evaluation"):
+        return [phase_1, phase_2], model, distribute.predict(model, dataset.x_test, BATCH_SIZE)
+
+
+def on_cached_activations(run, dataset, preprocessing, base, head):
+    """The CPU recipe: the blocks below UNFREEZE_FROM stay frozen in both phases, so their
+    activations of every image and of its mirror image (AUGMENT) are computed once and cached;
+    phase 1 trains the head, phase 2 the blocks from UNFREEZE_FROM on and the head, on them."""
+    lower, upper = models.split_at(base, UNFREEZE_FROM)  # what stays frozen; what phase 2 trains
+    training_sets = ["train", "train_mirrored"] if AUGMENT else ["train"]
+    test_sets = ["test", "test_mirrored"] if TEST_TIME_FLIP else ["test"]
+    mirror_images_of = {"train_mirrored": dataset.x_train, "test_mirrored": dataset.x_test}
+    images = {name: data.mirrored(mirror_images_of[name]) if name in mirror_images_of else getattr(dataset, f"x_{name}")
+              for name in [*training_sets, "val", *test_sets]}
+    y_train = np.tile(dataset.y_train, len(training_sets))
+    with run.timed("features"):
+        activations, _ = features.cached_features(keras.Sequential([preprocessing, lower]), images, BATCH_SIZE,
+                                                  run.setup.verbose)
+        cached, _ = features.cached_features(upper, {name: activations[name] for name in [*training_sets, "val"]},
+                                             BATCH_SIZE, run.setup.verbose)
+    phase_1 = fit_phase(run, "phase_1", head, LEARNING_RATE, EPOCHS, [cached[name] for name in training_sets],
+                        y_train, cached["val"], dataset.y_val)
+    unfreeze_from(base, UNFREEZE_FROM)  # the unfrozen blocks and the head learn on the cached activations
+    trained = keras.Sequential([upper, head], name="vgg16_upper_and_head")
+    phase_2 = fit_phase(run, "phase_2", trained, FINE_TUNE_LEARNING_RATE, FINE_TUNE_EPOCHS,
+                        [activations[name] for name in training_sets], y_train, activations["val"], dataset.y_val)
+    model = whole_model(dataset, preprocessing, base, head)
+    with run.timed("evaluation"):  # the trained top on the cached test activations, checked
+        return [phase_1, phase_2], model, features.predict_with_cached_features(
+            model, trained, [activations[name] for name in test_sets], dataset.x_test, BATCH_SIZE, run)
+
+
+def unfreeze_from(base, layer_name):
+    """Makes the base trainable from `layer_name` on; the layers below it stay frozen."""
+    base.trainable = True
+    for layer in base.layers[:[layer.name for layer in base.layers].index(layer_name)]:
+        layer.trainable = False
+
+
+def whole_model(dataset, preprocessing, base, head):
+    """The saved model: raw images, preprocessing, base, head; with TEST_TIME_FLIP, also the mirror image's."""
+    images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
+    x = preprocessing(images)
+    predictions = head(base(x))
+    if TEST_TIME_FLIP:
+        predictions = layers.Average(dtype="float32")([predictions, head(base(models.mirror(x.shape[1:])(x)))])
+    model = keras.Model(images, predictions, name="vgg16_fine_tuned")
+    model.compile(optimizer=keras.optimizers.Adam(FINE_TUNE_LEARNING_RATE), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def main(setup):
+    keras.utils.set_random_seed(SEED)
+    run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
 
     # VGG16 with its ImageNet weights, cut after FEATURE_LAYER, frozen for phase 1.
-    vgg16 = keras.applications.VGG16(include_top=False, weights=config.weights,
-                                     input_shape=(config.image_size, config.image_size, 3))
-    base = keras.Model(vgg16.input, vgg16.get_layer(config.feature_layer).output, name="vgg16_base")
+    vgg16 = keras.applications.VGG16(include_top=False, weights=setup.weights, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    base = keras.Model(vgg16.input, vgg16.get_layer(FEATURE_LAYER).output, name="vgg16_base")
     base.trainable = False
-    preprocessing = models.vgg16_preprocessing(dataset.image_shape, config.image_size)
-    lower, upper = models.split_at(base, config.unfreeze_from)  # what stays frozen; what phase 2 trains
+    preprocessing = models.vgg16_preprocessing(dataset.image_shape, IMAGE_SIZE)
 
     # The custom head: the base's output in, class probabilities out.
     inputs = keras.Input(shape=base.output.shape[1:], name="vgg16_features")
     x = layers.Flatten()(inputs)
-    x = layers.Dense(config.head_units, use_bias=False)(x)
+    x = layers.Dense(HEAD_UNITS, use_bias=False)(x)
     x = layers.BatchNormalization()(x)
     x = layers.Activation("relu")(x)
-    x = layers.Dropout(config.head_dropout)(x)
+    x = layers.Dropout(HEAD_DROPOUT)(x)
     outputs = layers.Dense(dataset.num_classes, activation="softmax", dtype="float32")(x)
     head = keras.Model(inputs, outputs, name="head")
 
-    # Phase 1: the head learns on the frozen base's output, computed once (cached on disk); with
-    # CACHE_FROZEN_BLOCKS, from the lower blocks' cached activations, which phase 2 reuses.
-    images, training_sets = {"train": dataset.x_train, "val": dataset.x_val}, ["train"]
-    with run.timed("features"):
-        if config.cache_frozen_blocks:
-            if config.augment:  # the mirror images too: twice the training set
-                images["train_mirrored"], training_sets = data.mirrored(dataset.x_train), ["train", "train_mirrored"]
-            images["test"] = dataset.x_test
-            if config.test_time_flip:
-                images["test_mirrored"] = data.mirrored(dataset.x_test)
-            activations, _ = features.cached_features(keras.Sequential([preprocessing, lower]), images,
-                                                      config.batch_size, config.verbose)
-            cached, _ = features.cached_features(upper, {name: activations[name] for name in [*training_sets, "val"]},
-                                                 config.batch_size, config.verbose)
-        else:
-            cached, _ = features.cached_features(keras.Sequential([preprocessing, base]), images,
-                                                 config.batch_size, config.verbose)
-    y_train = np.tile(dataset.y_train, len(training_sets))
-    head.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    phase_1 = head.fit(data.Batches([cached[name] for name in training_sets], y_train, config.batch_size,
-                                    shuffle=True, seed=config.seed),
-                       validation_data=data.Batches(cached["val"], dataset.y_val, config.batch_size),
-                       epochs=config.epochs, verbose=config.verbose,
-                       callbacks=phase_callbacks(run, config, "phase_1", config.epochs, config.learning_rate))
-
-    # Phase 2: unfreeze from UNFREEZE_FROM on; the head keeps phase 1's best weights.
-    base.trainable = True
-    for layer in lower.layers:
-        layer.trainable = False
-    if config.cache_frozen_blocks:  # the trainable top learns on the cached activations
-        trained = keras.Sequential([upper, head], name="vgg16_upper_and_head")
-        x_train, x_val = [activations[name] for name in training_sets], activations["val"]
-    else:  # the whole model learns on images, augmented in training when AUGMENT is on
-        training_images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
-        augmented = models.vgg16_preprocessing(dataset.image_shape, config.image_size, augment=config.augment)
-        trained = keras.Model(training_images, head(base(augmented(training_images))), name="vgg16_training")
-        x_train, x_val = dataset.x_train, dataset.x_val
-    trained.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
-                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    validation = data.Batches(x_val, dataset.y_val, config.batch_size)
-    start_loss, start_accuracy = trained.evaluate(validation, verbose=0)
-    print(f"Phase 2: fine-tuning from {config.unfreeze_from} (validation loss at the start {start_loss:.4f})")
-    phase_2 = trained.fit(data.Batches(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed),
-                          validation_data=validation, epochs=config.fine_tune_epochs, verbose=config.verbose,
-                          callbacks=phase_callbacks(run, config, "phase_2", config.fine_tune_epochs,
-                                                    config.fine_tune_learning_rate))
-
-    # The saved model: raw images -> preprocessing -> base -> head (no augmentation); with
-    # TEST_TIME_FLIP, the average over each image and its mirror image.
-    test_images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
-    x = preprocessing(test_images)
-    predictions = head(base(x))
-    if config.test_time_flip:
-        predictions = layers.Average(dtype="float32")([predictions, head(base(models.mirror(x.shape[1:])(x)))])
-    model = keras.Model(test_images, predictions, name="vgg16_fine_tuned")
-    model.compile(optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    with run.timed("evaluation"):
-        if config.cache_frozen_blocks:  # the trained top on the cached test activations, checked
-            test_activations = [activations[name] for name in ("test", "test_mirrored") if name in activations]
-            test_predictions = features.predict_with_cached_features(model, trained, test_activations,
-                                                                     dataset.x_test, config.batch_size)
-        else:
-            test_predictions = distribute.predict(model, dataset.x_test, config.batch_size)
-    reporting.write_run(run, model, dataset, [phase_1, phase_2], test_predictions, config.settings, notes={
-        "api": "functional",
-        "strategy": f"two-phase fine-tuning from {config.unfreeze_from}",
-        "phase_2_start_val_loss": float(start_loss),
-        "phase_2_start_val_accuracy": float(start_accuracy),
-        "phase_1_epochs": len(phase_1.history["loss"]),
-    })
+    recipe = on_cached_activations if CACHE_FROZEN_BLOCKS else on_images
+    phases, model, test_predictions = recipe(run, dataset, preprocessing, base, head)
+    reporting.write_run(run, model, dataset, phases, test_predictions, notes={
+        "api": "functional", "strategy": f"two-phase fine-tuning from {UNFREEZE_FROM} ({recipe.__name__})",
+        "phase_1_epochs": len(phases[0].history["loss"])})
 
 
 if __name__ == "__main__":

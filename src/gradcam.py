@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from vgg_transfer import cli, gradcam, models, paths, runs
+from vgg_transfer import cli, gradcam, paths, runs, saved_models
+
+# The class of subclassed_model.keras, which the subclassed script defines and registers:
+import transfer_learning_subclassed  # noqa: F401
 
 IMAGES_PER_CLASS = 2
 
@@ -61,9 +64,9 @@ def plot(path, images, maps, probabilities, class_names, captions, title, layer_
 
 def main(arguments):
     runs.check_writable(arguments.out)
-    model, class_names, side = models.load_saved_classifier(arguments.model)
+    model, class_names, side = saved_models.load_saved_classifier(arguments.model)
     layer = gradcam.find_layer(model, arguments.layer) if arguments.layer else gradcam.default_layer(model)
-    images, captions = models.images_to_show(arguments.images, arguments.model, side, len(class_names),
+    images, captions = saved_models.images_to_show(arguments.images, arguments.model, side, len(class_names),
                                              arguments.data, arguments.images_per_class)
     maps, probabilities = gradcam.heatmaps(model, images, layer)
     folder = Path(arguments.out) / "gradcam" / time.strftime("%Y%m%d-%H%M%S")

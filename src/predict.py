@@ -19,8 +19,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from vgg_transfer import cli, data, models
+from vgg_transfer import cli, image_files, saved_models
 from vgg_transfer.errors import InputError
+
+# The class of subclassed_model.keras, which the subclassed script defines and registers:
+import transfer_learning_subclassed  # noqa: F401
 
 TOP = 3
 
@@ -38,7 +41,7 @@ def parse_arguments(argv=None):
     return arguments
 
 
-def image_files(paths):
+def files_to_classify(paths):
     """The files to classify, in the order given (folders expanded, sorted)."""
     readable = set(Image.registered_extensions())
     for path in map(Path, paths):
@@ -51,11 +54,11 @@ def image_files(paths):
 def main(arguments):
     import numpy as np
 
-    model, class_names, side = models.load_saved_classifier(arguments.model)
+    model, class_names, side = saved_models.load_saved_classifier(arguments.model)
     paths, images, failures = [], [], 0
-    for path in image_files(arguments.paths):
+    for path in files_to_classify(arguments.paths):
         try:
-            images.append(data.read_image_file(path, side))
+            images.append(image_files.read_image_file(path, side))
             paths.append(path)
         except InputError as error:
             print(f"predict.py: error: {error}", file=sys.stderr)

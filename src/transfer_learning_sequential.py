@@ -18,7 +18,7 @@ augmented images, at LEARNING_RATE (slow without a GPU).
 
 import sys
 
-# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
+# The project's package first: it loads Keras without TensorFlow's start-up lines.
 from vgg_transfer import cli, data, devices, distribute, features, models, reporting, runs, training
 from vgg_transfer.errors import InputError
 
@@ -26,8 +26,8 @@ import keras
 from keras import layers
 
 # Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
-# Where a GPU and a CPU want different values, HARDWARE chooses: "gpu" where Keras sees a GPU.
-HARDWARE = devices.hardware()
+HARDWARE = devices.hardware()  # "gpu", "cpu_amx" (a CPU with AMX) or "cpu": picks the values that differ
+PRECISION = "auto"  # "auto" (the device's fastest at full accuracy), "float32", "bfloat16" or "float16"
 EPOCHS = 10  # at most; early stopping may end training sooner
 BATCH_SIZE = 256
 LEARNING_RATE = 1e-3  # Adam's
@@ -45,23 +45,23 @@ REDUCE_LR_PATIENCE = 1  # epochs without a lower validation loss before the rate
 REDUCE_LR_FACTOR = 0.2  # what the rate is multiplied by then
 
 
-def main(config):
-    keras.utils.set_random_seed(config.seed)
-    run = runs.Run(config.out, config.script_name, config.resume_key)
+def main(setup):
+    keras.utils.set_random_seed(SEED)
+    run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
 
     # VGG16 with its ImageNet weights, cut after FEATURE_LAYER; frozen unless TRAIN_BASE.
-    vgg16 = keras.applications.VGG16(include_top=False, weights=config.weights,
-                                     input_shape=(config.image_size, config.image_size, 3))
-    base = keras.Model(vgg16.input, vgg16.get_layer(config.feature_layer).output, name="vgg16_base")
+    vgg16 = keras.applications.VGG16(include_top=False, weights=setup.weights,
+                                     input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    base = keras.Model(vgg16.input, vgg16.get_layer(FEATURE_LAYER).output, name="vgg16_base")
     if min(base.output.shape[1:3]) < 4:
         raise InputError(
-            f"the convolutional head needs a base output of at least 4x4, and {config.feature_layer} at "
-            f"--image-size {config.image_size} gives {base.output.shape[1]}x{base.output.shape[2]}; "
+            f"the convolutional head needs a base output of at least 4x4, and {FEATURE_LAYER} at "
+            f"--image-size {IMAGE_SIZE} gives {base.output.shape[1]}x{base.output.shape[2]}; "
             f"raise --image-size or cut the base earlier with --feature-layer"
         )
-    base.trainable = config.train_base
+    base.trainable = TRAIN_BASE
 
     # The reference's convolutional head, on the base's features.
     head = keras.Sequential([
@@ -71,24 +71,24 @@ def main(config):
         layers.Conv2D(32, 3, padding="same", activation="relu"),
         layers.BatchNormalization(),
         layers.MaxPooling2D(),
-        layers.Dropout(config.conv_dropout),
+        layers.Dropout(CONV_DROPOUT),
         layers.Conv2D(64, 3, padding="same", activation="relu"),
         layers.BatchNormalization(),
         layers.Conv2D(64, 3, padding="same", activation="relu"),
         layers.BatchNormalization(),
         layers.MaxPooling2D(),
-        layers.Dropout(config.conv_dropout),
+        layers.Dropout(CONV_DROPOUT),
         layers.Flatten(),
-        layers.Dense(config.head_units, activation="relu"),
+        layers.Dense(HEAD_UNITS, activation="relu"),
         layers.BatchNormalization(),
-        layers.Dropout(config.head_dropout),
+        layers.Dropout(HEAD_DROPOUT),
         layers.Dense(dataset.num_classes, activation="softmax", dtype="float32"),
     ], name="head")
-    preprocessing = models.vgg16_preprocessing(dataset.image_shape, config.image_size)
+    preprocessing = models.vgg16_preprocessing(dataset.image_shape, IMAGE_SIZE)
     model = keras.Sequential([preprocessing, base, head], name="vgg16_sequential")
 
-    if config.train_base:  # base and head learn together, on augmented images
-        augmented = models.vgg16_preprocessing(dataset.image_shape, config.image_size, augment=True)
+    if TRAIN_BASE:  # base and head learn together, on augmented images
+        augmented = models.vgg16_preprocessing(dataset.image_shape, IMAGE_SIZE, augment=True)
         trained = keras.Sequential([augmented, base, head], name="vgg16_sequential_augmented")
         x_train, x_val = dataset.x_train, dataset.x_val
     else:  # frozen base: the head learns on its features, the same every epoch, so computed once
@@ -97,40 +97,41 @@ def main(config):
             cached, _ = features.cached_features(
                 keras.Sequential([preprocessing, base]),
                 {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test},
-                config.batch_size, config.verbose)
+                BATCH_SIZE, setup.verbose)
         x_train, x_val = cached["train"], cached["val"]
 
-    trained.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    trained.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if LR_SCHEDULE == "plateau":
+        schedule = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=REDUCE_LR_FACTOR,
+                                                     patience=REDUCE_LR_PATIENCE, verbose=1)
+    else:  # "cosine"
+        schedule = keras.callbacks.LearningRateScheduler(training.cosine_decay(LEARNING_RATE, EPOCHS))
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=EARLY_STOPPING_PATIENCE,
                                       restore_best_weights=True, verbose=1),
         keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / "best.keras", monitor="val_loss",
                                         save_best_only=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
-                                          patience=config.reduce_lr_patience, verbose=1)
-        if config.lr_schedule == "plateau" else
-        keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
-        keras.callbacks.TerminateOnNaN(),
-        training.WallTimeEstimate(),  # prints about how long training will take
-        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
+        schedule,
     ]
-    callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
-    training_batches = data.Batches(x_train, dataset.y_train, config.batch_size, shuffle=True, seed=config.seed)
-    history = trained.fit(training_batches, validation_data=data.Batches(x_val, dataset.y_val, config.batch_size),
-                          epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
+    # Batches shuffles every epoch in an order drawn from SEED and the epoch (so fit must not):
+    # with the project's callbacks, a run stopped by Ctrl-C or a crash continues exactly.
+    training_batches = data.Batches(x_train, dataset.y_train, BATCH_SIZE, shuffle=True, seed=SEED)
+    callbacks += training.project_callbacks(run, callbacks, training_batches)
+    history = trained.fit(training_batches, validation_data=data.Batches(x_val, dataset.y_val, BATCH_SIZE),
+                          epochs=EPOCHS, callbacks=callbacks, verbose=setup.verbose, shuffle=False)
 
     # The saved model: preprocessing, base, head (no augmentation), compiled as it was trained.
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     with run.timed("evaluation"):
-        if config.train_base:
-            test_predictions = distribute.predict(model, dataset.x_test, config.batch_size)
+        if TRAIN_BASE:
+            test_predictions = distribute.predict(model, dataset.x_test, BATCH_SIZE)
         else:  # the head on the cached test features, checked against the whole model
             test_predictions = features.predict_with_cached_features(model, head, cached["test"], dataset.x_test,
-                                                                     config.batch_size)
-    reporting.write_run(run, model, dataset, history, test_predictions, config.settings, notes={
-        "api": "sequential", "strategy": "trainable base" if config.train_base else "frozen",
+                                                                     BATCH_SIZE, run)
+    reporting.write_run(run, model, dataset, history, test_predictions, notes={
+        "api": "sequential", "strategy": "trainable base" if TRAIN_BASE else "frozen",
     })
 
 

@@ -15,15 +15,15 @@ as a functional graph in `model.keras`, which plain Keras loads anywhere.
 
 import sys
 
-# The project's package first: it sets TensorFlow's log level, read once as TensorFlow loads.
+# The project's package first: it loads Keras without TensorFlow's start-up lines.
 from vgg_transfer import cli, data, devices, features, models, reporting, runs, training
 
 import keras
 from keras import layers
 
 # Hyperparameters: edit them here, or override one with the flag of the same name (--epochs 5).
-# Where a GPU and a CPU want different values, HARDWARE chooses: "gpu" where Keras sees a GPU.
-HARDWARE = devices.hardware()
+HARDWARE = devices.hardware()  # "gpu", "cpu_amx" (a CPU with AMX) or "cpu": picks the values that differ
+PRECISION = "auto"  # "auto" (the device's fastest at full accuracy), "float32", "bfloat16" or "float16"
 EPOCHS = 8  # at most; early stopping may end training sooner
 BATCH_SIZE = 512
 LEARNING_RATE = 1e-3  # Adam's
@@ -63,71 +63,72 @@ class VGG16Classifier(keras.Model):
         return cls(**parts, **config)
 
 
-def main(config):
-    keras.utils.set_random_seed(config.seed)
-    run = runs.Run(config.out, config.script_name, config.resume_key)
+def main(setup):
+    keras.utils.set_random_seed(SEED)
+    run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(config.data, config.validation_split, config.seed, config.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
 
     # VGG16 with its ImageNet weights, cut after FEATURE_LAYER and frozen.
-    vgg16 = keras.applications.VGG16(include_top=False, weights=config.weights,
-                                     input_shape=(config.image_size, config.image_size, 3))
-    base = keras.Model(vgg16.input, vgg16.get_layer(config.feature_layer).output, name="vgg16_base")
+    vgg16 = keras.applications.VGG16(include_top=False, weights=setup.weights,
+                                     input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    base = keras.Model(vgg16.input, vgg16.get_layer(FEATURE_LAYER).output, name="vgg16_base")
     base.trainable = False
-    preprocessing = models.vgg16_preprocessing(dataset.image_shape, config.image_size)
+    preprocessing = models.vgg16_preprocessing(dataset.image_shape, IMAGE_SIZE)
 
     # The frozen base gives the same features every epoch: compute them once (cached on disk).
     feature_extractor = keras.Sequential([preprocessing, base], name="feature_extractor")
     with run.timed("features"):
         cached, from_cache = features.cached_features(
             feature_extractor, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test},
-            config.batch_size, config.verbose)
+            BATCH_SIZE, setup.verbose)
 
     # The custom head: global average and max pooling side by side, then a dense layer.
     inputs = keras.Input(shape=base.output.shape[1:], name="vgg16_features")
     pooled = layers.Concatenate()([layers.GlobalAveragePooling2D()(inputs), layers.GlobalMaxPooling2D()(inputs)])
-    x = layers.Dense(config.head_units, use_bias=False)(pooled)
+    x = layers.Dense(HEAD_UNITS, use_bias=False)(pooled)
     x = layers.BatchNormalization()(x)
     x = layers.Activation("relu")(x)
-    x = layers.Dropout(config.head_dropout)(x)
+    x = layers.Dropout(HEAD_DROPOUT)(x)
     outputs = layers.Dense(dataset.num_classes, activation="softmax", dtype="float32")(x)
     head = keras.Model(inputs, outputs, name="head")
 
-    head.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    head.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if LR_SCHEDULE == "plateau":
+        schedule = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=REDUCE_LR_FACTOR,
+                                                     patience=REDUCE_LR_PATIENCE, verbose=1)
+    else:  # "cosine"
+        schedule = keras.callbacks.LearningRateScheduler(training.cosine_decay(LEARNING_RATE, EPOCHS))
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=EARLY_STOPPING_PATIENCE,
                                       restore_best_weights=True, verbose=1),
         keras.callbacks.ModelCheckpoint(run.path / "checkpoints" / "best.keras", monitor="val_loss",
                                         save_best_only=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
-                                          patience=config.reduce_lr_patience, verbose=1)
-        if config.lr_schedule == "plateau" else
-        keras.callbacks.LearningRateScheduler(training.cosine_decay(config.learning_rate, config.epochs)),
-        keras.callbacks.TerminateOnNaN(),
-        training.WallTimeEstimate(),  # prints about how long training will take
-        *training.tensorboard(run, config.tensorboard),  # with --tensorboard: logs in the run folder
+        schedule,
     ]
-    callbacks.append(training.ResumeAfterInterruption(run, callbacks))  # after Ctrl-C or a kill: rerun to go on
-    training_batches = data.Batches(cached["train"], dataset.y_train, config.batch_size, shuffle=True,
-                                    seed=config.seed)
-    history = head.fit(training_batches, validation_data=data.Batches(cached["val"], dataset.y_val, config.batch_size),
-                       epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
+    # Batches shuffles every epoch in an order drawn from SEED and the epoch (so fit must not):
+    # with the project's callbacks, a run stopped by Ctrl-C or a crash continues exactly.
+    training_batches = data.Batches(cached["train"], dataset.y_train, BATCH_SIZE, shuffle=True,
+                                    seed=SEED)
+    callbacks += training.project_callbacks(run, callbacks, training_batches)
+    history = head.fit(training_batches, validation_data=data.Batches(cached["val"], dataset.y_val, BATCH_SIZE),
+                       epochs=EPOCHS, callbacks=callbacks, verbose=setup.verbose, shuffle=False)
 
     # The whole model, by subclassing, with the trained head.
     classifier = VGG16Classifier(preprocessing, base, head, name="vgg16_subclassed")
-    classifier.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    classifier.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     with run.timed("evaluation"):
         test_predictions = features.predict_with_cached_features(classifier, head, cached["test"],
-                                                                 dataset.x_test, config.batch_size)
+                                                                 dataset.x_test, BATCH_SIZE, run)
     classifier.save(run.path / "subclassed_model.keras")
     # What model.keras holds: the same layers as a functional graph, which loads without this class.
     images = keras.Input(shape=dataset.image_shape, dtype="uint8", name="image")
     model = keras.Model(images, classifier.call(images), name="vgg16_subclassed_functional")
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    reporting.write_run(run, model, dataset, history, test_predictions, config.settings,
+    reporting.write_run(run, model, dataset, history, test_predictions,
                         notes={"api": "subclassing", "strategy": "frozen", "features_from_cache": from_cache})
 
 

@@ -16,17 +16,17 @@ CONSTANTS = {"EPOCHS": 30, "LEARNING_RATE": 1e-3, "IMAGE_SIZE": 32, "VALIDATION_
 
 
 def test_flags_override_the_constants_of_the_same_name():
-    config = cli.parse_config("doc", CONSTANTS, ["--epochs", "5", "--learning-rate", "0.01", "--no-augment",
-                                                 "--feature-layer", "block5_pool", "--seed", "1"])
-    assert (config.epochs, config.learning_rate, config.augment, config.feature_layer, config.seed) == (
+    values, common = cli.parse("doc", CONSTANTS, ["--epochs", "5", "--learning-rate", "0.01", "--no-augment",
+                                                  "--feature-layer", "block5_pool", "--seed", "1"])
+    assert (values["EPOCHS"], values["LEARNING_RATE"], values["AUGMENT"], values["FEATURE_LAYER"], values["SEED"]) == (
         5, 0.01, False, "block5_pool", 1)
-    assert config.hyperparameters["EPOCHS"] == 5 and config.hyperparameters["IMAGE_SIZE"] == 32
-    assert (config.data, config.weights, config.subset, config.quiet) == (None, "imagenet", None, False)
+    assert values["IMAGE_SIZE"] == 32 and set(values) == set(CONSTANTS)
+    assert (common["data"], common["weights"], common["subset"], common["quiet"]) == (None, "imagenet", None, False)
 
 
 def test_help_lists_every_constant_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.parse_config("The description.", CONSTANTS, ["--help"])
+        cli.parse("The description.", CONSTANTS, ["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--epochs", "--learning-rate", "--image-size", "--validation-split", "--seed",
@@ -50,26 +50,25 @@ def test_help_lists_every_constant_with_its_default(capsys):
 )
 def test_invalid_values_are_rejected_with_the_flag_named(argv, message):
     with pytest.raises(InputError, match=message):
-        cli.parse_config("doc", CONSTANTS, argv)
+        cli.parse("doc", CONSTANTS, argv)
 
 
 SCRIPT = '''"""A script as the training scripts are written."""
 
 EPOCHS = 30  # at most; early stopping may end training sooner
-# The rate Adam starts from.
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 1e-3  # the rate Adam starts from
 REDUCE_LR_PATIENCE = 1
 FEATURE_LAYER = "block4_pool"
 SEED = 42
 
 
-def main(config):
-    print(config.epochs, config.reduce_lr_patience, config.feature_layer)
+def main(setup):
+    print(EPOCHS, REDUCE_LR_PATIENCE, FEATURE_LAYER, setup.subset)
 '''
 
 
 def _script_globals(tmp_path, source=SCRIPT):
-    """What cli.run gets from a script: its globals, with its file (for the comments and the names it uses)."""
+    """What cli.run gets from a script: its globals, with its file (for the comments)."""
     path = tmp_path / "a_script.py"
     path.write_text(source)
     namespace = {"__file__": str(path), "__name__": "a_script"}
@@ -77,13 +76,23 @@ def _script_globals(tmp_path, source=SCRIPT):
     return namespace
 
 
+def test_the_flags_rebind_the_constants_that_main_reads_by_name_for_one_run(tmp_path, capsys):
+    script = _script_globals(tmp_path)
+    argv = ["--epochs", "5", "--feature-layer", "block3_pool", "--subset", "40", "--out", str(tmp_path)]
+    assert cli.run(script["main"], script, argv=argv, pretrained=False) == 0
+    assert "5 1 block3_pool 40" in capsys.readouterr().out.splitlines()
+    assert (script["EPOCHS"], script["FEATURE_LAYER"]) == (30, "block4_pool")  # the file's values again afterwards
+    assert cli.run(script["main"], script, argv=["--out", str(tmp_path)], pretrained=False) == 0
+    assert "30 1 block4_pool None" in capsys.readouterr().out.splitlines()
+
+
 def test_run_turns_bad_input_into_one_line_and_status_2(tmp_path, capsys):
-    def main(config):
+    def main(setup):
         raise InputError("the data is missing; put it in in/")
 
     script = _script_globals(tmp_path)
-    assert cli.run(main, script, argv=["--out", str(tmp_path)]) == 2
-    assert cli.run(main, script, argv=["--epochs", "0"]) == 2
+    assert cli.run(main, script, argv=["--out", str(tmp_path)], pretrained=False) == 2
+    assert cli.run(main, script, argv=["--epochs", "0"], pretrained=False) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "the data is missing" in lines[0] and "--epochs 0" in lines[1]
 
@@ -94,27 +103,27 @@ def test_help_shows_each_constants_comment(tmp_path, capsys):
         cli.run(script["main"], script, argv=["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--epochs EPOCHS at most; early stopping may end training sooner (default: 30)" in text
-    assert "--learning-rate LEARNING_RATE The rate Adam starts from. (default: 0.001)" in text
+    assert "--learning-rate LEARNING_RATE the rate Adam starts from (default: 0.001)" in text
 
 
 def test_a_constant_that_the_script_lacks_is_named_at_start_up(tmp_path, capsys):
     renamed = SCRIPT.replace("REDUCE_LR_PATIENCE = 1", "REDUCE_LR_PATIENCES = 1")
     script = _script_globals(tmp_path, renamed)
     ran = []
-    assert cli.run(lambda config: ran.append(config), script, argv=["--out", str(tmp_path)]) == 2
+    assert cli.run(lambda setup: ran.append(setup) or script["main"](setup), script, argv=["--out", str(tmp_path)],
+                   pretrained=False) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert not ran  # before any work
-    assert line == ("a_script.py: error: a_script.py uses config.reduce_lr_patience, but has no constant "
-                    "REDUCE_LR_PATIENCE (is REDUCE_LR_PATIENCES meant?); add REDUCE_LR_PATIENCE = ... to the "
-                    "constants at its top")
+    assert line == ("a_script.py: error: a_script.py uses REDUCE_LR_PATIENCE, which it does not define (is "
+                    "REDUCE_LR_PATIENCES meant?); add REDUCE_LR_PATIENCE = ... to the constants at its top")
 
 
 def test_a_constant_with_a_fixed_set_of_values_is_checked_in_the_file_too(tmp_path, capsys):
     script = _script_globals(tmp_path, SCRIPT.replace('"block4_pool"', '"block4_pol"'))
-    assert cli.run(script["main"], script, argv=["--out", str(tmp_path)]) == 2
+    assert cli.run(script["main"], script, argv=["--out", str(tmp_path)], pretrained=False) == 2
     assert "FEATURE_LAYER = 'block4_pol' is not one of block1_conv1" in capsys.readouterr().err
     with pytest.raises(InputError, match="--feature-layer: invalid choice: 'block9_pool'"):
-        cli.parse_config("doc", {"FEATURE_LAYER": "block4_pool", "SEED": 0}, ["--feature-layer", "block9_pool"])
+        cli.parse("doc", {"FEATURE_LAYER": "block4_pool", "SEED": 0}, ["--feature-layer", "block9_pool"])
 
 
 def _script(*args, out_dir):
@@ -123,6 +132,7 @@ def _script(*args, out_dir):
                            "--out", str(out_dir)], capture_output=True, text=True, env=environment, timeout=300)
 
 
+@pytest.mark.slow
 def test_main_script_bad_input_exits_2_with_one_line_and_leaves_earlier_runs(tmp_path):
     earlier = tmp_path / "out" / "transfer_learning" / "20250101-000000"
     earlier.mkdir(parents=True)

@@ -24,11 +24,12 @@ SUBSET = 2000
 EPOCHS = 15
 TRANSFER_MARGIN = 0.20
 MIN_PRETRAINED_ACCURACY = 0.50
+pytestmark = pytest.mark.slow  # every test here uses a trained run
 
 
-def _run_main(out_dir, archive, weights):
+def _run_main(out_dir, archive, weights, *extra):
     argv = ["--data", str(archive), "--weights", str(weights), "--subset", str(SUBSET), "--epochs", str(EPOCHS),
-            "--out", str(out_dir), "--quiet"]
+            "--out", str(out_dir), "--quiet", "--precision", "float32", *extra]
     assert cli.run(transfer_learning.main, vars(transfer_learning), argv) == 0
     return sorted(p for p in (out_dir / "transfer_learning").iterdir() if not p.name.startswith("."))
 
@@ -37,15 +38,15 @@ def _run_main(out_dir, archive, weights):
 def pretrained_run(shared_data, tmp_path_factory):
     archive, weights = shared_data
     out_dir = tmp_path_factory.mktemp("out-pretrained")
-    (run_dir,) = _run_main(out_dir, archive, weights)
+    (run_dir,) = _run_main(out_dir, archive, weights, "--tensorboard")
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def test_set(shared_data):
     """The test images of the runs above: same data, seed and subset."""
-    config = cli.parse_config("", cli.constants(vars(transfer_learning)), ["--subset", str(SUBSET)])
-    return data.load_dataset(shared_data[0], config.validation_split, config.seed, SUBSET, verbose=False)
+    values, _ = cli.parse("", cli.constants(vars(transfer_learning)), ["--subset", str(SUBSET)])
+    return data.load_dataset(shared_data[0], values["VALIDATION_SPLIT"], values["SEED"], SUBSET, verbose=False)
 
 
 def _metrics(run_dir):
@@ -124,10 +125,30 @@ def test_run_folder_holds_every_report(pretrained_run):
     assert len(history) == metrics["epochs_run"] >= 1
     assert min(float(row["val_loss"]) for row in history) == pytest.approx(metrics["best_val_loss"], rel=1e-6)
     assert (pretrained_run / "checkpoints" / "best.keras").is_file()
+    # The figures come from the head on cached features; the whole model agreed on 256 test images.
+    check = metrics["checks"]["cached_features"]
+    assert check["test_images_checked"] == 256 and check["largest_difference"] <= 1e-5, check
     assert set(metrics["seconds"]) >= {"data", "features", "training", "evaluation", "total"}
     assert metrics["hyperparameters"]["FEATURE_LAYER"] == "block4_pool" and metrics["seed"] == 42
     assert metrics["environment"]["backend"] == keras.config.backend()
     assert 0 < metrics["macro_f1"] <= 1 and metrics["data"]["train_images"] + metrics["data"]["validation_images"] == SUBSET
+
+
+def test_tensorboard_holds_every_epochs_figures(pretrained_run):
+    """--tensorboard: the logs that TensorBoard (`tensorboard --logdir RUN/tensorboard`) shows,
+    read back with its own reader, hold the loss of every epoch, as history.csv does."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    with open(pretrained_run / "history.csv") as file:
+        history = list(csv.DictReader(file))
+    for split, key in (("train", "loss"), ("validation", "val_loss")):
+        logs = event_accumulator.EventAccumulator(str(pretrained_run / "tensorboard" / "training" / split),
+                                                  size_guidance={"tensors": 0}).Reload()
+        events = logs.Tensors("epoch_loss")
+        assert [event.step for event in events] == list(range(len(history))), split
+        np.testing.assert_allclose([float(tf.make_ndarray(event.tensor_proto)) for event in events],
+                                   [float(row[key]) for row in history], rtol=1e-6)
 
 
 def test_rerun_reads_cached_features_and_never_overwrites(pretrained_run, shared_data):
@@ -249,6 +270,48 @@ def test_feature_maps_show_each_blocks_strongest_channels_at_the_layers_shape(pr
                       "block3_conv3": (10, 8, 8, 6), "block4_conv3": (10, 4, 4, 6)}
 
 
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="the reference uses TensorFlow's tape")
+def test_feature_maps_and_gradcam_of_the_flip_model_come_from_each_images_own_pass(pretrained_run, test_set):
+    """The main job's saved model runs each image and its mirror image through the same base:
+    the maps recorded for a layer are the image's own, equal to a model cut at that layer (the
+    mirror image's would be mirrored maps: these images are not left-right symmetric), and
+    Grad-CAM equals a reference computed with the gradient tape through the image's own pass,
+    at the layer's 4x4 resolution resized to the images' 32x32."""
+    import tensorflow as tf
+
+    from vgg_transfer import activations, gradcam
+
+    model = keras.saving.load_model(pretrained_run / "model.keras")
+    preprocessing, base, head = (model.get_layer(name) for name in ("vgg16_preprocessing", "vgg16_base", "head"))
+    images = test_set.x_test[:8]
+    preprocessed = preprocessing(images)
+    for name in ("block2_conv2", "block4_conv3"):
+        layer = base.get_layer(name)
+        cut = keras.Model(base.input, layer.output)
+        own, mirror = (keras.ops.convert_to_numpy(cut(x)) for x in (preprocessed, preprocessed[:, :, ::-1]))
+        (recorded,) = activations.first_calls(model, [layer], images)
+        np.testing.assert_allclose(recorded, own, rtol=1e-5, atol=1e-3)
+        assert np.abs(recorded - mirror).max() > 100 * np.abs(recorded - own).max() + 1  # the check has teeth
+
+    layer = base.get_layer("block4_conv3")
+    maps, probabilities = gradcam.heatmaps(model, images, layer)
+    classes = probabilities.argmax(axis=1)
+    upper = keras.Model(layer.output, base.output)  # block4_pool, from block4_conv3's output
+    mirror_probabilities = head(base(preprocessed[:, :, ::-1]))
+    with tf.GradientTape() as tape:
+        own = keras.Model(base.input, layer.output)(preprocessed)
+        tape.watch(own)
+        averaged = (head(upper(own)) + mirror_probabilities) / 2
+        score = tf.reduce_sum(averaged * tf.one_hot(classes, averaged.shape[1]))
+    gradients, own = tape.gradient(score, own).numpy(), own.numpy()
+    cams = np.maximum((gradients.mean(axis=(1, 2), keepdims=True) * own).sum(axis=-1), 0)
+    resized = np.maximum(tf.image.resize(cams[..., None], (32, 32), method="bilinear").numpy()[..., 0], 0)
+    expected = resized / np.maximum(resized.max(axis=(1, 2), keepdims=True), 1e-12)
+    assert maps.shape == (8, 32, 32) and (expected.max(axis=(1, 2)) == 1).sum() >= 6
+    np.testing.assert_allclose(maps, expected, atol=1e-4)
+    np.testing.assert_allclose(probabilities, averaged.numpy(), atol=1e-5)
+
+
 def _exported_predictions(run_dir, format_name, out_dir, images):
     import subprocess
     import sys
@@ -265,13 +328,19 @@ def _exported_predictions(run_dir, format_name, out_dir, images):
 
         served = tf.saved_model.load(str(out_dir / "saved_model")).signatures["serving_default"]
         return next(iter(served(tf.constant(images)).values())).numpy()
+    if format_name == "litert":  # through the LiteRT interpreter, as on a phone
+        import tensorflow as tf
+
+        runner = tf.lite.Interpreter(str(out_dir / "model.tflite")).get_signature_runner()
+        (input_name,) = runner.get_input_details()
+        return next(iter(runner(**{input_name: images}).values()))
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"))
     return session.run(None, {session.get_inputs()[0].name: images})[0]
 
 
-@pytest.mark.parametrize("format_name", ["tf_saved_model", "onnx"])
+@pytest.mark.parametrize("format_name", ["tf_saved_model", "onnx", "litert"])
 def test_an_exported_model_serves_what_the_run_predicted(pretrained_run, test_set, tmp_path, format_name):
     import importlib.util
 
@@ -311,7 +380,7 @@ def test_test_time_flip_averages_each_image_with_its_mirror_image(pretrained_run
     same head (same seed, cached features) and predicts the images alone."""
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--subset", str(SUBSET), "--epochs", str(EPOCHS),
-            "--out", str(tmp_path), "--quiet", "--no-test-time-flip"]
+            "--out", str(tmp_path), "--quiet", "--no-test-time-flip", "--precision", "float32"]
     assert cli.run(transfer_learning.main, vars(transfer_learning), argv) == 0
     (plain_run,) = (tmp_path / "transfer_learning").iterdir()
     plain = keras.saving.load_model(plain_run / "model.keras")

@@ -13,25 +13,25 @@ import compare
 import fine_tune
 import transfer_learning_sequential
 import transfer_learning_subclassed
-from conftest import PROJECT_ROOT
-from vgg_transfer import activations, cli, data, models
+from conftest import PROJECT_ROOT, interrupt_after_epochs
+from vgg_transfer import activations, cli, data, models, saved_models
 from vgg_transfer.errors import InputError
 
-QUICK = ["--subset", "300", "--quiet"]
+QUICK = ["--subset", "300", "--quiet", "--precision", "float32"]
 
 
 def _run(script, out_dir, shared_data, *extra):
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(out_dir), *QUICK, *extra]
-    assert cli.run(script.main, vars(script), argv) == 0
+    assert cli.run(script.main, vars(script), argv, pretrained=script is not baselines) == 0  # as __main__ does
     name = script.__name__
     (run_dir,) = [p for p in (out_dir / name).iterdir() if not p.name.startswith(".")]
     return run_dir
 
 
 def _test_images(script, shared_data):
-    config = cli.parse_config("", cli.constants(vars(script)), QUICK)
-    return data.load_dataset(shared_data[0], config.validation_split, config.seed, config.subset, verbose=False)
+    values, common = cli.parse("", cli.constants(vars(script)), QUICK)
+    return data.load_dataset(shared_data[0], values["VALIDATION_SPLIT"], values["SEED"], common["subset"], verbose=False)
 
 
 def _assert_reloads_with_the_same_predictions(run_dir, dataset):
@@ -85,7 +85,7 @@ def _trainable_base_layers(model):
 def test_unfreezing_from_a_layer_that_is_no_convolution_is_rejected():
     for name in ("block5_pool", "block9_conv1", "dense"):
         with pytest.raises(InputError, match=f"--unfreeze-from: invalid choice: '{name}'"):
-            cli.parse_config("", cli.constants(vars(fine_tune)), ["--unfreeze-from", name])
+            cli.parse("", cli.constants(vars(fine_tune)), ["--unfreeze-from", name])
 
 
 def test_split_base_computes_the_same_as_the_whole_base():
@@ -96,6 +96,7 @@ def test_split_base_computes_the_same_as_the_whole_base():
                                base.predict(images, verbose=0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_subclassed_model_runs_end_to_end_and_reloads(subclassed_run, shared_data):
     run_dir = subclassed_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -110,6 +111,7 @@ def test_subclassed_model_runs_end_to_end_and_reloads(subclassed_run, shared_dat
                                atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["--no-train-base", "--train-base"])
 def test_sequential_model_with_the_convolutional_head_under_both_policies(sequential_runs, shared_data, policy):
     run_dir = sequential_runs[policy]
@@ -121,6 +123,7 @@ def test_sequential_model_with_the_convolutional_head_under_both_policies(sequen
     assert _trainable_base_layers(model) == (sorted(block_4_and_below) if policy == "--train-base" else [])
 
 
+@pytest.mark.slow
 def test_sequential_head_without_spatial_room_is_rejected_before_training(shared_data, tmp_path, capsys):
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), *QUICK, "--image-size", "32"]
@@ -130,6 +133,7 @@ def test_sequential_head_without_spatial_room_is_rejected_before_training(shared
     assert not list(tmp_path.glob("*/*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", FINE_TUNE_RECIPES)
 def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(fine_tune_runs, shared_data, recipe):
     run_dir = fine_tune_runs[recipe]
@@ -139,7 +143,7 @@ def test_two_phase_fine_tuning_starts_phase_2_from_phase_1s_best_weights(fine_tu
     assert len(history) == metrics["epochs_run"] > metrics["phase_1_epochs"]
     # Phase 2 begins where phase 1's best epoch left off (augmentation is off in evaluation).
     best_phase_1 = min(float(row["val_loss"]) for row in phase_1)
-    assert metrics["phase_2_start_val_loss"] == pytest.approx(best_phase_1, rel=1e-3)
+    assert metrics["checks"]["phase_2_start_val_loss"] == pytest.approx(best_phase_1, rel=1e-3)
     assert metrics["hyperparameters"]["CACHE_FROZEN_BLOCKS"] is (recipe == "cached")
     if recipe == "images":  # cosine: epoch 1 of each phase at its compiled rate, epoch 2 at half of it
         np.testing.assert_allclose([float(row["learning_rate"]) for row in history], [1e-3, 5e-4, 1e-4, 5e-5])
@@ -176,18 +180,16 @@ def _imagenet_weights(path):
                 for name in file.attrs["layer_names"] if b"conv" in name}
 
 
+@pytest.mark.slow
 def test_a_completed_phase_is_not_trained_again_after_an_interruption(fine_tune_runs, shared_data, tmp_path,
                                                                        monkeypatch, capsys):
-    from vgg_transfer import training
-
     uninterrupted = fine_tune_runs["cached"]
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), *QUICK, *FINE_TUNE_QUICK,
             *FINE_TUNE_RECIPES["cached"]]
-    monkeypatch.setattr(training, "epochs_completed_in_this_process", 0)
-    monkeypatch.setenv(training.SIMULATED_INTERRUPTION, "3:SIGINT")  # Ctrl-C after phase 2's first epoch
-    assert cli.run(fine_tune.main, vars(fine_tune), argv) == 130
-    monkeypatch.delenv(training.SIMULATED_INTERRUPTION)
+    with monkeypatch.context() as patch:
+        interrupt_after_epochs(patch, 3)  # Ctrl-C after phase 2's first epoch
+        assert cli.run(fine_tune.main, vars(fine_tune), argv) == 130
     capsys.readouterr()
     fits = []
     original_fit = keras.Model.fit
@@ -198,12 +200,13 @@ def test_a_completed_phase_is_not_trained_again_after_an_interruption(fine_tune_
     assert fits == ["head", "vgg16_upper_and_head"]  # phase 1's fit returned at once (below)
     (run_dir,) = [p for p in (tmp_path / "fine_tune").iterdir() if not p.name.startswith(".")]
     resumed, reference = _history(run_dir), _history(uninterrupted)
-    assert len(resumed) == len(reference) == 4
-    assert resumed[:3] == reference[:3]  # phase 1 and phase 2's first epoch, before the interruption
+    assert len(reference) == 4 and resumed == reference  # both phases, before and after the interruption
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["phase_1_epochs"] == 2 and metrics["epochs_run"] == 4
+    assert metrics["test_accuracy"] == json.loads((uninterrupted / "metrics.json").read_text())["test_accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network, convolutions", [("small_cnn", 6), ("vgg11_bn", 8), ("vgg16_bn", 13)])
 def test_baselines_train_from_scratch_and_reload(shared_data, network, convolutions, tmp_path):
     run_dir = _run(baselines, tmp_path, shared_data, "--model", network, "--epochs", "1")
@@ -222,24 +225,23 @@ def test_baselines_train_from_scratch_and_reload(shared_data, network, convoluti
 
 
 def test_baselines_decay_the_kernels_only():
-    config = cli.parse_config("", cli.constants(vars(baselines)), ["--model", "vgg11_bn", "--learning-rate", "0.1"])
-    classifier = baselines.build_network((32, 32, 3), 10, config)
-    optimizer = baselines.decoupled_weight_decay(classifier, config.learning_rate, config.weight_decay)
+    classifier = baselines.build_network((32, 32, 3), 10)  # the small CNN
+    optimizer = baselines.decoupled_weight_decay(classifier, 0.1, baselines.WEIGHT_DECAY)
     variables = classifier.trainable_variables
     before = [keras.ops.convert_to_numpy(v) for v in variables]
     # With zero gradients Adam's own step is zero, so only the weight decay moves anything.
     optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in variables])
-    shrink = 1 - 0.1 * config.weight_decay
+    shrink = 1 - 0.1 * baselines.WEIGHT_DECAY
     for variable, old in zip(variables, before):
         expected = old * shrink if len(variable.shape) >= 2 else old  # kernels; not biases, gamma, beta
         np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), expected, rtol=1e-6, err_msg=variable.path)
-    assert sum(len(v.shape) >= 2 for v in variables) == 9  # 8 convolutions and the output layer
+    assert sum(len(v.shape) >= 2 for v in variables) == 8  # 6 convolutions, the dense layer and the output layer
 
 
 def test_unknown_baseline_is_rejected(tmp_path, capsys):
     argv = ["--model", "resnet50", "--out", str(tmp_path)]
-    assert cli.run(baselines.main, vars(baselines), argv) == 2
-    assert "not a baseline" in capsys.readouterr().err
+    assert cli.run(baselines.main, vars(baselines), argv, pretrained=False) == 2
+    assert "--model: invalid choice: 'resnet50' (choose from 'small_cnn', 'vgg11_bn', 'vgg16_bn')" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +257,7 @@ def runs_of_every_api(subclassed_run, sequential_runs, fine_tune_runs, tmp_path_
     return out_dir
 
 
+@pytest.mark.slow
 def test_compare_gathers_every_complete_run(runs_of_every_api, capsys):
     out_dir = runs_of_every_api
     (out_dir / "fine_tune" / ".20990101-000000.partial").mkdir(parents=True, exist_ok=True)  # left out
@@ -274,6 +277,7 @@ def test_compare_gathers_every_complete_run(runs_of_every_api, capsys):
     assert "| script | run | API |" in table and (out_dir / "comparison.md").read_text() in table
 
 
+@pytest.mark.slow
 def test_gradcam_explains_the_saved_model_of_every_api(runs_of_every_api, shared_data):
     out_dir = runs_of_every_api
     from vgg_transfer import gradcam
@@ -281,7 +285,7 @@ def test_gradcam_explains_the_saved_model_of_every_api(runs_of_every_api, shared
     images = _test_images(transfer_learning_subclassed, shared_data).x_test[:3]
     apis = set()
     for run_dir in sorted(p.parent for p in out_dir.glob("*/*/model.keras") if not p.parent.name.startswith(".")):
-        model, _, _ = models.load_saved_classifier(run_dir)
+        model, _, _ = saved_models.load_saved_classifier(run_dir)
         maps, probabilities = gradcam.heatmaps(model, images)
         # Correctness is checked against a reference in test_gradcam.py; here, every API's model:
         assert maps.shape == images.shape[:3] and np.isfinite(maps).all() and maps.min() >= 0
@@ -291,6 +295,42 @@ def test_gradcam_explains_the_saved_model_of_every_api(runs_of_every_api, shared
     assert apis == {"subclassing", "functional", "sequential"}
 
 
+@pytest.mark.slow
+def test_every_model_a_run_saves_works_in_every_tool(runs_of_every_api, subclassed_run, shared_data, tmp_path,
+                                                      capsys):
+    """model.keras of every API's run, and the subclassed run's subclassed_model.keras, in
+    predict.py, gradcam.py, feature_maps.py and export.py; predict.py also as a user runs it."""
+    import subprocess
+    import sys
+
+    import export
+    import feature_maps
+    import gradcam as gradcam_script
+    import predict
+    from PIL import Image
+
+    image = tmp_path / "a test image.png"
+    Image.fromarray(_test_images(transfer_learning_subclassed, shared_data).x_test[0]).save(image)
+    model_files = [*sorted(runs_of_every_api.glob("*/*/model.keras")), subclassed_run / "subclassed_model.keras"]
+    assert len(model_files) == 5
+    for number, model_file in enumerate(model_files):
+        out = tmp_path / f"out-{number}"
+        capsys.readouterr()
+        assert predict.main(predict.parse_arguments([str(image), "--model", str(model_file), "--json"])) == 0
+        (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
+        assert len(prediction["top"]) == 3 and 0 < sum(item["probability"] for item in prediction["top"]) <= 1 + 1e-6
+        gradcam_script.main(gradcam_script.parse_arguments([str(image), "--model", str(model_file), "--out", str(out)]))
+        feature_maps.main(feature_maps.parse_arguments([str(image), "--model", str(model_file), "--out", str(out)]))
+        export.main(export.parse_arguments([str(model_file), "--format", "tf_saved_model", "--out",
+                                            str(out / "exported")]))
+        assert len(list(out.glob("gradcam/*/gradcam.png"))) == 1 and list(out.glob("feature_maps/*/*.png"))
+        assert (out / "exported" / "saved_model").is_dir(), model_file
+    finished = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "predict.py"), str(image), "--model",
+                               str(model_files[-1])], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0 and finished.stdout.startswith(f"{image}: "), finished.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_gradcam_script_writes_a_picture_of_a_run(subclassed_run, shared_data, tmp_path):
     import gradcam as gradcam_script
     from PIL import Image
@@ -330,35 +370,29 @@ def test_explore_data_draws_counts_samples_and_original_sizes(tmp_path):
     assert len(sizes) == 24 and len(set(sizes)) >= 2  # as stored, not as converted to 32x32
 
 
-@pytest.mark.parametrize("gpus, forced, expected", [
-    ([], None, "cpu"), (["/physical_device:GPU:0"], None, "gpu"), (["/physical_device:GPU:0"], "cpu", "cpu"),
+@pytest.mark.parametrize("hardware, expected", [
+    ("gpu", (128, "block1_conv1", False)), ("cpu_amx", (64, "block4_conv3", True)), ("cpu", (32, "block4_conv3", True)),
 ])
-def test_each_script_picks_its_recipe_by_the_devices_it_finds(monkeypatch, gpus, forced, expected):
-    """The GPU/CPU choice with the device list stubbed: the constants that depend on HARDWARE
-    take the GPU's or the CPU's value, and the run says which in one line."""
+def test_each_script_picks_its_recipe_by_the_kind_of_machine(monkeypatch, hardware, expected):
+    """The recipe with the kind of machine forced: the constants that depend on HARDWARE take
+    that kind's value, and flags still override them."""
     import importlib
 
     from vgg_transfer import devices
 
-    monkeypatch.setattr(devices, "gpus", lambda: gpus)
-    if forced:
-        monkeypatch.setenv(devices.HARDWARE_VARIABLE, forced)
+    monkeypatch.setenv(devices.HARDWARE_VARIABLE, hardware)
     try:
         script = importlib.reload(fine_tune)
-        assert script.HARDWARE == expected
-        on_gpu = expected == "gpu"
-        assert (script.IMAGE_SIZE, script.UNFREEZE_FROM, script.CACHE_FROZEN_BLOCKS) == (
-            (128, "block1_conv1", False) if on_gpu else (32, "block4_conv3", True))
-        line = cli.hardware_choice((PROJECT_ROOT / "src" / "fine_tune.py").read_text(), cli.constants(vars(script)))
-        assert line.startswith(f"Recipe for a {expected.upper()}: ") and f"IMAGE_SIZE={script.IMAGE_SIZE}" in line
-        config = cli.parse_config("", cli.constants(vars(script)), ["--image-size", "48"])
-        assert config.image_size == 48 and config.hyperparameters["HARDWARE"] == expected  # flags still override
-        assert config.mixed_precision is on_gpu  # bfloat16 by default with a GPU's recipe
+        assert script.HARDWARE == hardware and script.PRECISION == "auto"
+        assert (script.IMAGE_SIZE, script.UNFREEZE_FROM, script.CACHE_FROZEN_BLOCKS) == expected
+        values, _ = cli.parse("", cli.constants(vars(script)), ["--image-size", "48"])
+        assert values["IMAGE_SIZE"] == 48 and values["HARDWARE"] == hardware  # flags still override
     finally:
         monkeypatch.undo()
         importlib.reload(fine_tune)  # this machine's recipe again, for the other tests
 
 
+@pytest.mark.slow
 def test_the_wall_time_estimate_is_printed_and_close_to_the_training_time(shared_data, tmp_path, capsys):
     import re
 
@@ -368,9 +402,15 @@ def test_the_wall_time_estimate_is_printed_and_close_to_the_training_time(shared
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path), "--subset", "2000",
             "--batch-size", "16", "--epochs", "4", "--early-stopping-patience", "10", "--quiet"]
     assert cli.run(transfer_learning.main, vars(transfer_learning), argv) == 0
-    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Training: about")]
+    output = capsys.readouterr().out
+    # PRECISION = "auto": this CPU's choice, with its reason, printed and recorded.
+    (precision_line,) = [line for line in output.splitlines() if line.startswith("Precision: ")]
+    assert re.fullmatch(r"Precision: (float32|bfloat16) \(the CPU has .*\)", precision_line), precision_line
+    (line,) = [line for line in output.splitlines() if line.startswith("Training: about")]
     number, unit = re.match(r"Training: about (\d+) (s|min) for 4 epochs on this CPU", line).groups()
     estimate = int(number) * (60 if unit == "min" else 1)
     (run_dir,) = (tmp_path / "transfer_learning").iterdir()
-    measured = json.loads((run_dir / "metrics.json").read_text())["seconds"]["training"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert precision_line == f"Precision: {metrics['precision']['name']} ({metrics['precision']['reason']})"
+    measured = metrics["seconds"]["training"]
     assert measured / 2 <= estimate <= measured * 2, (line, measured)

@@ -2,46 +2,63 @@
 (building VGG16, freezing it, the head, compile, the callbacks, fit) stay in the scripts.
 
 - `cli`: flags from a script's constants, the common flags, the checks before any work, one-line errors.
-- `data`: find, decode (once, cached) and split CIFAR-10 or any image-folder data set.
-- `models`: VGG16's weights and preprocessing (built-in layers), augmentation, loading saved models.
+- `data`: find the data, decode it once (cached), split it, and feed it to `fit` (`Batches`).
+- `image_files`: read images from folders and archives (any format Pillow reads), CIFAR-10's batches.
+- `stored`: arrays kept on disk when they do not fit in memory.
+- `devices`: the kind of machine (its recipe) and the precision it computes fastest in.
+- `models`: VGG16's weights and preprocessing (built-in layers), the mirror, the augmentation.
+- `saved_models`: loading the models runs saved, for the tools.
 - `features`: frozen-base features, cached on disk.
-- `training`: the resume-after-interruption callback and the cosine schedule.
-- `reporting`: every file of a run folder (reports, pictures, the saved model).
+- `training`: the project's callbacks (exact resumption after an interruption, the time estimate) and the cosine schedule.
 - `runs`: run folders that are published only when complete; the environment record.
+- `reporting`, `pictures`: every file of a run folder (reports, metrics.json, the saved model), and its pictures.
 - `distribute`: data-parallel training over every local device (`--distribute`) or several worker processes.
-- `gradcam`, `legacy`, `cache`, `paths`, `errors`: Grad-CAM, old saved models, helpers.
+- `activations`, `gradcam`: what a saved model computes inside; Grad-CAM.
+- `paths`, `errors`: where things live; the one exception type for bad input.
+
+Importing the package imports Keras, with the backend's start-up lines hidden: TensorFlow 2.21
+writes six lines to the process's stderr as it loads (oneDNN's notice, "Could not find cuda
+drivers", and absl's warning twice), before any of its log settings apply
+(tensorflow/tensorflow#100442). A student's first line should be the project's, so they go to a
+temporary file, shown only if loading fails.
 """
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 
-# Quieten TensorFlow's C++ logging (on a CPU-only machine it logs a CUDA "error" that is
-# none, "failed call to cuInit"). TensorFlow reads this once, as it loads, so every script
-# imports this package before Keras. Python exceptions are unaffected. TensorFlow 2.21
-# still prints six lines while it loads (oneDNN, "Could not find cuda drivers"), before its
-# logging reads any setting (tensorflow/tensorflow#100442): they are harmless.
+
+@contextlib.contextmanager
+def _native_stderr_hidden():
+    """What C and C++ code writes to stderr (file descriptor 2) goes to a temporary file while
+    the block runs, and is written out after all if the block raises."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no file descriptor 2 (e.g. pythonw on Windows): nothing to hide
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+# Also quietens TensorFlow's C++ logging after it loads (on a CPU-only machine it logs a CUDA
+# "error" that is none, "failed call to cuInit"); read once, as TensorFlow loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+with _native_stderr_hidden():
+    import keras  # noqa: E402,F401  (loads the backend)
 # TensorFlow's Python-side warnings (tf.function retracing when several models predict in turn)
 # say nothing a user can act on.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
-
-# Keras's variable naming every worker process; set, the scripts train across them (JAX).
-JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
-
-# Training across worker processes: they must connect before anything lists JAX's devices,
-# which every script's constants do (HARDWARE), so it happens as the package loads.
-if os.environ.get(JOB_ADDRESSES):
-    from vgg_transfer import distribute
-    from vgg_transfer.errors import first_line
-
-    try:
-        distribute.connect_workers()
-    except (ValueError, RuntimeError) as error:  # InputError among them: variables missing or wrong
-        sys.exit(f"error: {first_line(error)}")
-elif os.environ.get("TF_CONFIG"):
-    import keras
-
-    if keras.config.backend() == "tensorflow":  # rather than train a separate copy on every worker
-        sys.exit("error: TF_CONFIG is set, but training across TensorFlow workers (MultiWorkerMirroredStrategy) "
-                 "is not supported yet; train across workers on JAX (docs/design.md, 'Training on several machines')")

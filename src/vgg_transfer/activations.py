@@ -2,8 +2,11 @@
 and return during a forward pass, for the feature maps, the embedding and Grad-CAM.
 
 A layer can sit deep inside nested models, and in a model with test-time flip averaging it is
-called twice per pass (the image, then its mirror image): what is recorded is its first call,
-the image's own. The model itself is not rebuilt: the layer's `call` is wrapped for one pass.
+called twice per pass, for the image and for its mirror image, in an order Keras chooses (the
+two branches are at the same depth of the graph). While recording, the model's `mirror` layer
+(see `models.mirror`) lets the image through unflipped (`own_image_only`): both calls then see
+the image itself, and the first call recorded is the image's own. The model itself is not
+rebuilt: a layer's `call` is wrapped for one pass.
 """
 
 import contextlib
@@ -20,6 +23,20 @@ def all_layers(layer):
 
 
 @contextlib.contextmanager
+def own_image_only(model):
+    """While active, the model's `mirror` layers (test-time flip averaging) pass the images
+    through as they are, so that every branch of a pass sees the image itself."""
+    mirrors = [layer for layer in all_layers(model) if layer.name == "mirror"]
+    for mirror in mirrors:
+        mirror.call = lambda images, *args, **kwargs: images
+    try:
+        yield
+    finally:
+        for mirror in mirrors:
+            del mirror.call  # back to the class's method
+
+
+@contextlib.contextmanager
 def watched(layer, state, offset=None):
     """While active, `layer`'s first call in each pass (until `state` is cleared) stores what it
     received in `state["input"]` and what it returned in `state["output"]`; `offset(output)`,
@@ -28,7 +45,7 @@ def watched(layer, state, offset=None):
 
     def call(*args, **kwargs):
         output = original(*args, **kwargs)
-        if "output" in state:  # a later call of the same pass: the mirror image's
+        if "output" in state:  # a later call of the same pass: the other branch's
             return output
         state["input"], state["output"] = args[0], output
         return output if offset is None else offset(output)
@@ -47,6 +64,7 @@ def first_calls(model, layers, images, batch_size=256, received=False):
     for start in range(0, len(images), batch_size):
         states = [{} for _ in layers]
         with contextlib.ExitStack() as stack:
+            stack.enter_context(own_image_only(model))
             for layer, state in zip(layers, states):
                 stack.enter_context(watched(layer, state))
             model(keras.ops.convert_to_tensor(images[start:start + batch_size]), training=False)

@@ -35,21 +35,28 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
         cache_dir: default `paths.cache_dir()`.
 
     Returns:
-        (features, from_cache): dict name -> float32 array or `StoredArray` (N, *feature_shape),
-        and whether every set was read from the cache.
+        (features, from_cache): dict name -> features (N, *feature_shape), and whether every set
+        was read from the cache. The features are kept in the dtype they were computed in (see
+        `storage_dtype`), in memory as long as all the sets together fit the memory budget
+        (a NumPy array, or a `stored.Bfloat16Array`), the rest on disk (`stored.StoredArray`);
+        each reads as float32 (float16) arrays.
     """
     cache_dir = Path(cache_dir or paths.cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
+    budget = [stored.memory_budget()]  # shared by the sets: together they stay within it
     extractor_key = _extractor_key(feature_extractor)
     feature_shape = tuple(feature_extractor.outputs[0].shape[1:])
     started, features, extracted = time.perf_counter(), {}, []
+    storage = storage_dtype(feature_extractor)
+    suffix = stored.BFLOAT16_SUFFIX if storage == "bfloat16" else ".npy"
     for name, images in image_sets.items():
-        cache_file = cache_dir / f"features-{extractor_key}-{_array_key(images)}.npy"
-        features[name] = _read(cache_file, (len(images), *feature_shape))
+        cache_file = cache_dir / f"features-{extractor_key}-{_array_key(images)}{suffix}"
+        features[name] = _read(cache_file, (len(images), *feature_shape), budget)
         if not distribute.every_worker(features[name] is not None):  # worker processes extract together
             features[name] = None
         if features[name] is None:
-            features[name] = _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file)
+            features[name] = _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file,
+                                      storage, budget)
             extracted.append(name)
     how = f"extracted ({', '.join(extracted)}) and cached" if extracted else "read from the cache"
     print(f"Features {feature_shape}: {how} in {time.perf_counter() - started:.1f} s")
@@ -62,12 +69,20 @@ EXTRACTION_CHUNK = 8192
 EXTRACTION_CHUNK_BYTES = 256 * 2**20
 
 
-def _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file):
+def storage_dtype(feature_extractor):
+    """The dtype the features are cached in: the one the extractor computes them in, so the
+    cache holds exactly what it computed ("float32", or under mixed precision "bfloat16" or
+    "float16", half the disk)."""
+    computed = str(keras.backend.standardize_dtype(feature_extractor.outputs[0].dtype))
+    return computed if computed in ("bfloat16", "float16") else "float32"
+
+
+def _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file, storage, budget):
     """The features of `images`, written to `cache_file` a chunk at a time, then read back (in
-    memory if they fit the budget); computed in memory when the cache cannot be written."""
+    memory if they fit what is left of the budget); computed in memory when the cache cannot be written."""
     temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
     try:
-        writer = stored.StoredArrayWriter(temporary, (len(images), *feature_shape), np.float32)
+        writer = stored.StoredArrayWriter(temporary, (len(images), *feature_shape), storage)
     except OSError as error:
         warnings.warn(f"Could not write the feature cache {cache_file} ({error}); the next run extracts again.")
         return distribute.predict(feature_extractor, images, batch_size, verbose).astype(np.float32)
@@ -77,18 +92,22 @@ def _extract(feature_extractor, images, feature_shape, batch_size, verbose, cach
         writer[start:start + len(chunk)] = distribute.predict(feature_extractor, chunk, batch_size, verbose)
     writer.close()
     os.replace(temporary, cache_file)
-    return _read(cache_file, (len(images), *feature_shape))
+    return _read(cache_file, (len(images), *feature_shape), budget)
 
 
-def _read(cache_file, shape):
-    """The cached array (in memory if it fits the budget, else a `StoredArray`), or None when
-    there is none or it is unreadable or of the wrong shape."""
+def _read(cache_file, shape, budget):
+    """The cached array (in memory if it fits what is left of `budget`, a one-item list of
+    bytes, which it then takes from; else a `StoredArray`), or None when there is none or it is
+    unreadable or of the wrong shape."""
     if not cache_file.is_file():
         return None
     try:
         array = stored.StoredArray(cache_file)
         if array.shape == shape:
-            return np.load(cache_file, allow_pickle=False) if array.nbytes <= stored.memory_budget() else array
+            if array.nbytes > budget[0]:
+                return array
+            budget[0] -= array.nbytes
+            return stored.load(cache_file)
         warnings.warn(f"Feature cache {cache_file} has the wrong shape; extracting again.")
     except Exception as error:  # Truncated or corrupt: rebuild rather than trust it.
         warnings.warn(f"Ignoring unreadable feature cache {cache_file} ({error}); extracting again.")
@@ -107,7 +126,7 @@ def _extractor_key(feature_extractor):
 
 def _array_key(array):
     digest = hashlib.sha1(f"{tuple(array.shape)}:{array.dtype}".encode())
-    if isinstance(array, stored.StoredArray):
+    if not isinstance(array, np.ndarray):  # a StoredArray or a Bfloat16Array
         for _, chunk in array.chunks():
             digest.update(memoryview(chunk).cast("B"))
     else:
@@ -120,7 +139,7 @@ def _array_key(array):
 VERIFIED_TEST_IMAGES = 256
 
 
-def predict_with_cached_features(model, head, test_features, x_test, batch_size):
+def predict_with_cached_features(model, head, test_features, x_test, batch_size, run=None):
     """The whole model's predictions on the test images, without recomputing its frozen part.
 
     `model` is `head` applied to the frozen extractor whose outputs `test_features` are, so
@@ -129,7 +148,8 @@ def predict_with_cached_features(model, head, test_features, x_test, batch_size)
     That is checked on every call: the
     whole model predicts VERIFIED_TEST_IMAGES test images itself, and if any output differs
     by more than a tolerance (1e-4; 2e-2 under mixed precision, whose bfloat16 keeps 8 bits of
-    mantissa), a warning is given and the whole model predicts every test image itself.
+    mantissa), a warning is given and the whole model predicts every test image itself. The
+    largest difference is recorded in `run.checks` (metrics.json) when a run is given.
 
     Returns:
         float64 array (N_test, num_classes), in test-set order.
@@ -141,6 +161,9 @@ def predict_with_cached_features(model, head, test_features, x_test, batch_size)
     sample = x_test[:VERIFIED_TEST_IMAGES]
     direct = distribute.predict(model, sample, batch_size).astype(np.float64)
     difference = float(np.max(np.abs(direct - predictions[: len(sample)])))
+    if run is not None:
+        run.checks["cached_features"] = {"test_images_checked": len(sample), "largest_difference": difference,
+                                         "tolerance": tolerance, "within_tolerance": difference <= tolerance}
     if difference > tolerance:
         warnings.warn(f"The head on cached test features differs from the whole model by {difference:.2g}; "
                       f"predicting every test image with the whole model instead.")

@@ -6,13 +6,13 @@ the backend's own automatic differentiation (TensorFlow's GradientTape, `jax.gra
 model itself is not rebuilt. The chosen layer's output is given a zero offset during one
 forward pass, and the gradient with respect to that offset is the gradient with respect to
 the activations, wherever the layer sits (nested models included; in a model with test-time
-flip averaging, the image's own pass, not its mirror image's).
+flip averaging, those of the image's own pass, see `activations.own_image_only`).
 """
 
 import keras
 import numpy as np
 
-from vgg_transfer.activations import all_layers, watched
+from vgg_transfer.activations import all_layers, own_image_only, watched
 from vgg_transfer.errors import InputError
 
 
@@ -49,16 +49,18 @@ def heatmaps(model, images, layer=None, class_indices=None):
     layer = layer or default_layer(model)
     images = keras.ops.convert_to_tensor(np.asarray(images))
     state = {}
-    with watched(layer, state):
-        probabilities = keras.ops.convert_to_numpy(model(images, training=False))
+    with own_image_only(model), watched(layer, state):
+        model(images, training=False)  # the shape of the layer's output
+    probabilities = keras.ops.convert_to_numpy(model(images, training=False))
     if class_indices is None:
         class_indices = probabilities.argmax(axis=1)
     chosen = keras.ops.one_hot(np.asarray(class_indices), probabilities.shape[1])
     zeros = np.zeros(tuple(state["output"].shape), np.float32)
 
-    def score(offset):
+    def score(offset):  # the offset on the image's own pass (its mirror image's, if any, stays as it is)
         state.clear()
-        with watched(layer, state, offset=lambda output: output + keras.ops.cast(offset, output.dtype)):
+        with own_image_only(model), watched(layer, state, offset=lambda output: output + keras.ops.cast(
+                offset, output.dtype)):
             outputs = keras.ops.cast(model(images, training=False), "float32")
         return keras.ops.sum(outputs * chosen), state["output"]
 

@@ -1,4 +1,5 @@
-"""VGG16's weights and input conventions, the augmentation layer, and loading saved models.
+"""VGG16's weights and input conventions as built-in layers: the preprocessing, the mirror, the
+split into frozen and trained parts, and the training-only augmentation layer.
 
 Every model of the project takes raw RGB images, uint8 in [0, 255], of the data's stored
 size, and does VGG16's own `preprocess_input` (minus the ImageNet channel means, RGB to BGR)
@@ -6,9 +7,7 @@ and the resizing to IMAGE_SIZE itself, with built-in Keras layers only: a saved 
 predicts on raw images and loads with plain `keras.saving.load_model`, without this package.
 """
 
-import importlib
-import json
-import zipfile
+import hashlib
 from pathlib import Path
 
 import keras
@@ -86,7 +85,8 @@ def vgg16_preprocessing(image_shape, image_size, augment=False):
         (image_size, image_size, 3), BGR, minus the ImageNet means: exactly what
         `keras.applications.vgg16.preprocess_input` gives.
     """
-    note_downscaling(image_shape, image_size)
+    if not augment:  # the augmented twin of a model says nothing: its plain model does
+        note_downscaling(image_shape, image_size)
     # Rescaling casts to float and subtracts each channel's mean; a fixed 1x1 convolution then
     # reverses the channels (RGB to BGR), which no other built-in layer does.
     rgb_to_bgr = keras.layers.Conv2D(3, 1, use_bias=False, trainable=False, name="rgb_to_bgr")
@@ -103,15 +103,11 @@ def vgg16_preprocessing(image_shape, image_size, augment=False):
     return preprocessing
 
 
-_noted = set()
-
-
 def note_downscaling(image_shape, image_size):
-    """Says once, in one line, when the model shrinks the stored images: photos stored at 256 px
-    and IMAGE_SIZE left at CIFAR-10's 32 would be classified from thumbnails."""
+    """Says in one line when the model shrinks the stored images: photos stored at 256 px and
+    IMAGE_SIZE left at CIFAR-10's 32 would be classified from thumbnails."""
     stored = max(image_shape[:2])
-    if stored > image_size and (stored, image_size) not in _noted:
-        _noted.add((stored, image_size))
+    if stored > image_size:
         closer = min(stored, 4 * image_size)
         print(f"Note: the images are stored at {stored} px and the network sees them at {image_size} px "
               f"(IMAGE_SIZE); --image-size {closer} shows it more detail, at {(closer / image_size) ** 2:.0f} "
@@ -146,8 +142,6 @@ def split_at(base, layer_name):
 def weights_fingerprint(model):
     """A digest of a model's weight values and shapes, in order (layer names play no part,
     since Keras numbers unnamed layers differently from one model to the next)."""
-    import hashlib
-
     digest = hashlib.sha1()
     for weight in model.weights:
         digest.update(str(tuple(weight.shape)).encode())
@@ -198,76 +192,3 @@ class RandomFlipAndShift(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "max_shift": self.max_shift, "seed": self.seed}
-
-
-# On the torch backend Keras saves its optimizers under torch-only class paths, which other
-# backends cannot import; a model's nested parts keep the optimizer they were compiled with.
-# These names make a model saved on any backend load on any other.
-PORTABLE_OPTIMIZERS = {"Adam": keras.optimizers.Adam, "AdamW": keras.optimizers.AdamW}
-
-# What a run folder calls its whole model.
-MODEL_FILE_NAME = "model.keras"
-
-
-def saved_run_metrics(model_path):
-    """The metrics.json of the run a saved model belongs to (a run folder, or a .keras file
-    in one), or {} when there is none."""
-    path = Path(model_path)
-    metrics_file = (path if path.is_dir() else path.parent) / "metrics.json"
-    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-
-
-def load_saved_classifier(model_path):
-    """(model, class names, image side) from a run folder (its model.keras and metrics.json)
-    or a .keras file; images given to the model must be (side, side, 3) uint8.
-
-    Loads what plain Keras loads, what earlier versions of the project saved (see `legacy`),
-    and the subclassed model of transfer_learning_subclassed.py (that script is imported).
-
-    Raises:
-        InputError: no model there, or a file that is not a model this project saved.
-    """
-    path = Path(model_path)
-    model_file = path / MODEL_FILE_NAME if path.is_dir() else path
-    if not model_file.is_file():
-        raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
-    try:
-        importlib.import_module("vgg_transfer.legacy")  # registers what earlier versions saved
-        with zipfile.ZipFile(model_file) as archive:
-            if b"transfer_learning_subclassed" in archive.read("config.json"):
-                importlib.import_module("transfer_learning_subclassed")  # registers its VGG16Classifier
-        model = keras.saving.load_model(model_file, compile=False, custom_objects=PORTABLE_OPTIMIZERS)
-    except Exception as error:
-        raise InputError(f"--model {model_file} is not a Keras model this project saved ({error})") from None
-    try:
-        side = model.input_shape[1]
-    except AttributeError:  # a subclassed model has no fixed input; it resizes inside
-        side = model.image_size
-    num_classes = model(np.zeros((1, side, side, 3), np.uint8), training=False).shape[-1]
-    names = saved_run_metrics(model_file).get("data", {}).get("class_names", [])
-    class_names = names if len(names) == num_classes else [f"class {index}" for index in range(num_classes)]
-    return model, class_names, side
-
-
-def images_to_show(image_files, model_path, side, num_classes, data_path=None, per_class=1):
-    """The images a picture of a saved model shows, as (uint8 array (N, side, side, 3), captions):
-    the image files given, else the first `per_class` test images of each class of the run's data
-    (from its metrics.json), or of `data_path`.
-
-    Raises:
-        InputError: an unreadable file, or data whose images are not of the model's size.
-    """
-    from vgg_transfer import data  # the loader, only for the tools that show images
-
-    if image_files:
-        return (np.stack([data.read_image_file(path, side) for path in image_files]),
-                [Path(path).name for path in image_files])
-    source = saved_run_metrics(model_path).get("data", {}).get("source", "")
-    run_data = Path(source.rsplit(" (", 1)[0])
-    dataset = data.load_dataset(data_path or (run_data if source and run_data.exists() else None), verbose=False)
-    picks = [index for label in range(num_classes) for index in np.flatnonzero(dataset.y_test == label)[:per_class]]
-    images = dataset.x_test[picks]
-    if images.shape[1] != side:
-        raise InputError(f"the model takes {side}-pixel images but {dataset.source} holds "
-                         f"{images.shape[1]}-pixel ones; pass the run's data with --data, or image files")
-    return images, [f"test #{index}, true: {dataset.class_names[dataset.y_test[index]]}" for index in picks]

@@ -6,7 +6,8 @@ failed or interrupted run never looks complete, and no run overwrites another.
 
 An interrupted run's partial folder keeps a resume key (a digest of the script, its
 hyperparameters and the common flags that change results): rerunning the same command
-finds it and continues in it from the last completed epoch (see `training.fit`).
+finds it and continues in it from the last completed epoch (see
+`training.ResumeAfterInterruption`).
 """
 
 import contextlib
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import keras
 
-from vgg_transfer import devices, distribute
+from vgg_transfer import devices
 from vgg_transfer.errors import InputError
 
 
@@ -43,18 +44,23 @@ class Run:
 
     The folder is made on first use of `path`, so a run that stops on bad input before
     writing anything leaves nothing behind. Also keeps the wall-clock seconds of each
-    phase (`timed`) for metrics.json.
+    phase (`timed`) and what the run checked about itself (`checks`), for metrics.json.
+
+    Args:
+        setup: the script's `cli.Setup` (output folder, script name, resume key and the rest,
+            for metrics.json); it learns of this run, for the message on Ctrl-C.
     """
 
-    def __init__(self, out_dir, script_name, resume_key=None):
-        global current_run
-        current_run = self  # for the Ctrl-C message (see `cli.run`)
-        self.script_name = script_name
-        self.resume_key = resume_key
-        self.parent = Path(out_dir) / script_name
+    def __init__(self, setup):
+        setup.run = self
+        self.setup = setup
+        self.script_name = setup.script_name
+        self.resume_key = setup.resume_key
+        self.parent = Path(setup.out) / setup.script_name
         self.final_path = None
         self._path = None
         self.seconds = {}
+        self.checks = {}  # what the run verified about itself, for metrics.json
         self._started = time.perf_counter()
 
     @property
@@ -131,28 +137,14 @@ def _resume_key_of(partial_path):
         return None
 
 
-def settings(script_name, hyperparameters, data, weights_source, subset, mixed_precision):
-    """What makes a run what it is, for metrics.json and the resume key: the script, its
-    resolved hyperparameters, the data, weights, subset, precision, backend and device count."""
-    return {
-        "script": script_name, "hyperparameters": hyperparameters, "data": str(data), "weights": weights_source,
-        "subset": subset, "mixed_precision": mixed_precision, "backend": keras.config.backend(),
-        "replicas": distribute.replicas,
-    }
-
-
 def resume_key(run_settings):
-    """A digest of `settings`: two commands with the same one are the same run (--out and
-    --quiet play no part), so the second continues the first if it was interrupted."""
+    """A digest of `cli.Setup.settings()`: two commands with the same settings are the same run
+    (--out and --quiet play no part), so the second continues the first if it was interrupted."""
     return hashlib.sha1(json.dumps(run_settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-# The run in progress, for the Ctrl-C message (see `cli.run`).
-current_run = None
-
-
-def environment():
-    """Backend, device and package versions, for metrics.json."""
+def environment(distribution=None):
+    """Backend, device, data parallelism (`cli.Setup.distribution`) and package versions, for metrics.json."""
     import importlib.metadata
 
     versions = {"python": platform.python_version()}
@@ -165,12 +157,7 @@ def environment():
         "backend": keras.config.backend(),
         "device": devices.description(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "distribution": distribute.description,
+        "distribution": distribution,
         "versions": versions,
     }
 
-
-def set_precision(mixed_precision):
-    """bfloat16 compute with float32 weights, or float32 throughout; call before building models.
-    bfloat16 needs no loss scaling, unlike float16."""
-    keras.config.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")

@@ -1,4 +1,5 @@
-"""The project's own training callback, resumption after an interruption, and the cosine schedule.
+"""The project's own training callbacks (exact resumption after an interruption, the time
+estimate) and the cosine schedule.
 
 Keras's `BackupAndRestore` keeps the weights, the optimizer and the epoch number after every
 epoch; `ResumeAfterInterruption` adds what it does not keep, so that rerunning the same
@@ -8,7 +9,6 @@ command after Ctrl-C, a SIGKILL or a power cut continues the run as if nothing h
 import json
 import math
 import os
-import signal
 import time
 
 import keras
@@ -76,10 +76,22 @@ class WallTimeEstimate(keras.callbacks.Callback):
         self.printed = True
 
 
-def tensorboard(run, enabled):
-    """[Keras's TensorBoard callback, writing into the run folder's tensorboard/] with
-    `--tensorboard` (cli.run checks that TensorFlow, which writes its logs, is installed), else []."""
-    return [keras.callbacks.TensorBoard(log_dir=str(run.path / "tensorboard"))] if enabled else []
+def project_callbacks(run, callbacks, training_batches, phase="training"):
+    """The project's own callbacks, to add after a script's `callbacks` (EarlyStopping,
+    ModelCheckpoint, the schedule): Keras's `TerminateOnNaN`; `WallTimeEstimate`; Keras's
+    `TensorBoard` writing into the run folder's tensorboard/ with `--tensorboard`; and, last so
+    that it saves what the others hold at the end of each epoch, `ResumeAfterInterruption`.
+
+    Args:
+        run: the `runs.Run`.
+        callbacks: the script's callbacks of this `fit`.
+        training_batches: the `data.Batches` that `fit` trains on.
+        phase: a name for the phase, for scripts that train in several.
+    """
+    ours = [keras.callbacks.TerminateOnNaN(), WallTimeEstimate("Training" if phase == "training" else phase)]
+    if run.setup.tensorboard:
+        ours.append(keras.callbacks.TensorBoard(log_dir=str(run.path / "tensorboard" / phase)))
+    return [*ours, ResumeAfterInterruption(run, [*callbacks, *ours], training_batches, phase)]
 
 
 class TrainingDiverged(InputError):
@@ -87,14 +99,23 @@ class TrainingDiverged(InputError):
 
 
 class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
-    """Keras's `BackupAndRestore`, plus what it leaves out, kept in the run folder after every
-    epoch and restored when the same command runs again:
+    """Keras's `BackupAndRestore`, plus what it leaves out, so that a run interrupted at any point
+    (Ctrl-C, a SIGKILL, a power cut) and run again with the same command ends exactly as if
+    nothing had happened: the same history, weights and test figures. Kept in the run folder
+    after every epoch and restored when the same command runs again:
 
     - the state of the `EarlyStopping`, `ModelCheckpoint` and `ReduceLROnPlateau` callbacks in
       `callbacks` (best figure, epochs waited, best weights), so a resumed run still knows its
       best epoch and when to stop or lower the rate;
+    - the state of every random generator in the model (dropout, augmentation), so the resumed
+      epochs draw what the uninterrupted run drew (Keras's backup keeps weights only);
+    - the epoch `training_batches` shuffles for, so they continue in the uninterrupted run's order;
     - every epoch's figures, so the `History` that `fit` returns covers the whole phase;
     - that a phase completed: rerunning it restores its final weights and trains nothing.
+
+    The state of each epoch is written before Keras's backup of it: a run stopped between the
+    two resumes from the backup's epoch, with that epoch's state. A run stopped within an epoch
+    repeats that epoch from its start.
 
     Also: a NaN or infinite loss (see `TerminateOnNaN`) raises `TrainingDiverged` with one
     line and makes a rerun start afresh; the training time goes into `run.seconds`.
@@ -102,13 +123,14 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
     Args:
         run: the `runs.Run`; the state lives in its `resume/<phase>/` folder.
         callbacks: the other callbacks of this `fit`; put this one after them.
+        training_batches: the `data.Batches` that `fit` trains on (shuffled), or None.
         phase: a name for the phase, for runs that train in several.
     """
 
-    def __init__(self, run, callbacks, phase="training"):
+    def __init__(self, run, callbacks, training_batches=None, phase="training"):
         self.state_dir = run.path / "resume" / phase
         super().__init__(str(self.state_dir / "backup"), delete_checkpoint=False)
-        self.run, self.phase = run, phase
+        self.run, self.phase, self.training_batches = run, phase, training_batches
         self.kept = []  # (callback, the attributes that make up its state)
         for callback in callbacks:
             if isinstance(callback, keras.callbacks.EarlyStopping):
@@ -119,7 +141,7 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
                 self.kept.append((callback, ("wait", "best", "cooldown_counter")))
         self.early_stopping = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
         self.checkpoint = next((c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None)
-        self.epochs = []
+        self.epochs = []  # per completed epoch: {"logs", "callbacks", "random_states"}
         self.completed_before = None
 
     @property
@@ -129,6 +151,10 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
     @property
     def _done_file(self):
         return self.state_dir / "done.json"
+
+    def _random_generators(self):
+        """The state variables of the model's random generators (Keras's `SeedGenerator`s), in order."""
+        return [variable for variable in self.model.variables if variable.name == "seed_generator_state"]
 
     def on_train_begin(self, logs=None):
         self._started = time.perf_counter()
@@ -140,39 +166,50 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
             print(f"{self.phase}: completed before the interruption; its final weights are restored")
             return
         super().on_train_begin(logs)  # the weights, the optimizer and the epoch to continue from
-        distribute.check_workers_agree(self.model._initial_epoch or 0, "the epoch to resume after")
-        metadata = self.state_dir / "backup" / "training_metadata.json"
-        if not (self._state_file.is_file() and metadata.is_file()):
+        completed = self.model._initial_epoch or 0
+        distribute.check_workers_agree(completed, "the epoch to resume after")
+        if not completed:
             return
-        state = json.loads(self._state_file.read_text())
-        completed = json.loads(metadata.read_text())["epoch"]
-        if len(state["epochs"]) != completed:
-            return  # killed between the two saves: start the bookkeeping afresh rather than guess
-        self.epochs = state["epochs"]
+        saved = json.loads(self._state_file.read_text())["epochs"] if self._state_file.is_file() else []
+        if len(saved) < completed:  # written before each backup, so only lost or edited by hand
+            raise RuntimeError(f"the resume state in {self.state_dir} lacks epochs the backup has; delete the "
+                               f"interrupted run's folder {self.run.path} to start afresh")
+        self.epochs = saved[:completed]  # a state written after the last backup is dropped: that epoch reruns
+        last = self.epochs[-1]
         for callback, names in self.kept:
             for name in names:
-                setattr(callback, name, state[type(callback).__name__][name])
+                setattr(callback, name, last["callbacks"][type(callback).__name__][name])
+        for variable, value in zip(self._random_generators(), last["random_states"], strict=True):
+            variable.assign(value)
         if self.early_stopping and self.checkpoint and os.path.isfile(self.checkpoint.filepath):
             best = keras.saving.load_model(self.checkpoint.filepath, compile=False)
             self.early_stopping.best_weights = best.get_weights()
+        if self.early_stopping and self.early_stopping.wait >= self.early_stopping.patience:
+            self.model._initial_epoch = self.params["epochs"]  # it had stopped early: no epoch left
         print(f"Resuming after epoch {completed} of the interrupted run")
 
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.training_batches is not None:
+            self.training_batches.set_epoch(epoch)  # its order for this epoch, also after a resumption
+
     def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append({key: float(value) for key, value in (logs or {}).items()})
-        state = {"epochs": self.epochs}
-        for callback, names in self.kept:
-            state[type(callback).__name__] = {name: _plain(getattr(callback, name)) for name in names}
+        self.epochs.append({
+            "logs": {key: float(value) for key, value in (logs or {}).items()},
+            "callbacks": {type(callback).__name__: {name: _plain(getattr(callback, name)) for name in names}
+                          for callback, names in self.kept},
+            "random_states": [keras.ops.convert_to_numpy(variable).tolist() for variable in self._random_generators()],
+        })
         self.state_dir.mkdir(parents=True, exist_ok=True)
         temporary = self._state_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state))
+        temporary.write_text(json.dumps({"epochs": self.epochs}))
         os.replace(temporary, self._state_file)
         super().on_epoch_end(epoch, logs)  # the weights and the optimizer, then the epoch number
-        _interrupt_if_asked()
 
     def on_train_end(self, logs=None):
         self.run.seconds["training"] = self.run.seconds.get("training", 0.0) + time.perf_counter() - self._started
-        history = self.completed_before or {key: [epoch[key] for epoch in self.epochs if key in epoch]
-                                            for key in (self.epochs[-1] if self.epochs else {})}
+        logs = [epoch["logs"] for epoch in self.epochs]
+        history = self.completed_before or {key: [entry[key] for entry in logs if key in entry]
+                                            for key in (logs[-1] if logs else {})}
         # What fit returns: every epoch of the phase, the ones before an interruption too.
         self.model.history = keras.callbacks.History()
         self.model.history.history, self.model.history.params = history, self.params
@@ -193,18 +230,3 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
 def _plain(value):
     value = float(value)
     return int(value) if value.is_integer() and abs(value) < 2**53 else value
-
-
-# For the interruption tests: "EPOCH:SIGNAL" (e.g. "3:SIGKILL") sends the signal to this
-# process at the end of its EPOCH-th epoch, counted over every phase (so "3:SIGINT" after a
-# 2-epoch phase 1 interrupts phase 2's first epoch), once that epoch's state is saved.
-SIMULATED_INTERRUPTION = "VGG_TRANSFER_INTERRUPT_AFTER_EPOCH"
-epochs_completed_in_this_process = 0
-
-
-def _interrupt_if_asked():
-    global epochs_completed_in_this_process
-    epochs_completed_in_this_process += 1
-    spec = os.environ.get(SIMULATED_INTERRUPTION)
-    if spec and int(spec.split(":")[0]) == epochs_completed_in_this_process:
-        os.kill(os.getpid(), getattr(signal, spec.split(":")[1]))

@@ -1,0 +1,83 @@
+"""The models that runs saved, loaded for the tools (predict, Grad-CAM, feature maps, export).
+
+Every run folder holds its whole model as `model.keras` (raw uint8 images in, class
+probabilities out), which plain `keras.saving.load_model` loads anywhere; its metrics.json
+names the classes. The subclassed model's `subclassed_model.keras` needs its class, which
+transfer_learning_subclassed.py defines: the tools import that script, which registers it.
+"""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from vgg_transfer.errors import InputError
+
+# On the torch backend Keras saves its optimizers under torch-only class paths, which other
+# backends cannot import; a model's nested parts keep the optimizer they were compiled with.
+# These names make a model saved on any backend load on any other.
+PORTABLE_OPTIMIZERS = {"Adam": keras.optimizers.Adam, "AdamW": keras.optimizers.AdamW}
+
+# What a run folder calls its whole model.
+MODEL_FILE_NAME = "model.keras"
+
+
+def saved_run_metrics(model_path):
+    """The metrics.json of the run a saved model belongs to (a run folder, or a .keras file
+    in one), or {} when there is none."""
+    path = Path(model_path)
+    metrics_file = (path if path.is_dir() else path.parent) / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
+def load_saved_classifier(model_path):
+    """(model, class names, image side) from a run folder (its model.keras and metrics.json)
+    or a .keras file; images given to the model must be (side, side, 3) uint8.
+
+    Loads what plain Keras loads, also saved on another backend (see PORTABLE_OPTIMIZERS),
+    and the subclassed model of transfer_learning_subclassed.py once that script is imported.
+
+    Raises:
+        InputError: no model there, or a file that is not a model this project saved.
+    """
+    path = Path(model_path)
+    model_file = path / MODEL_FILE_NAME if path.is_dir() else path
+    if not model_file.is_file():
+        raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
+    try:
+        model = keras.saving.load_model(model_file, compile=False, custom_objects=PORTABLE_OPTIMIZERS)
+    except Exception as error:
+        raise InputError(f"--model {model_file} is not a Keras model this project saved ({error})") from None
+    try:
+        side = model.input_shape[1]
+    except AttributeError:  # a subclassed model has no symbolic input: the shape it was built for
+        side = model.get_build_config()["input_shape"][1]
+    num_classes = model(np.zeros((1, side, side, 3), np.uint8), training=False).shape[-1]
+    names = saved_run_metrics(model_file).get("data", {}).get("class_names", [])
+    class_names = names if len(names) == num_classes else [f"class {index}" for index in range(num_classes)]
+    return model, class_names, side
+
+
+def images_to_show(files, model_path, side, num_classes, data_path=None, per_class=1):
+    """The images a picture of a saved model shows, as (uint8 array (N, side, side, 3), captions):
+    the image files given, else the first `per_class` test images of each class of the run's data
+    (from its metrics.json), or of `data_path`.
+
+    Raises:
+        InputError: an unreadable file, or data whose images are not of the model's size.
+    """
+    from vgg_transfer import data, image_files  # the loader, only for the tools that show images
+
+    if files:
+        return (np.stack([image_files.read_image_file(path, side) for path in files]),
+                [Path(path).name for path in files])
+    source = saved_run_metrics(model_path).get("data", {}).get("source", "")
+    run_data = Path(source.rsplit(" (", 1)[0])
+    dataset = data.load_dataset(data_path or (run_data if source and run_data.exists() else None), verbose=False)
+    picks = [index for label in range(num_classes) for index in np.flatnonzero(dataset.y_test == label)[:per_class]]
+    images = dataset.x_test[picks]
+    if images.shape[1] != side:
+        raise InputError(f"the model takes {side}-pixel images but {dataset.source} holds "
+                         f"{images.shape[1]}-pixel ones; pass the run's data with --data, or image files")
+    return images, [f"test #{index}, true: {dataset.class_names[dataset.y_test[index]]}" for index in picks]

@@ -1,0 +1,106 @@
+"""The precision and the recipe each kind of device gets, decided on simulated devices: NVIDIA
+GPUs of every compute capability, CPUs with and without bfloat16 units; and float16 training
+with loss scaling, on a toy model on this CPU."""
+
+import importlib
+
+import keras
+import numpy as np
+import pytest
+
+from vgg_transfer import devices
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((6, 0), "float32"),   # P100: no tensor cores
+    ((7, 0), "float16"),   # V100
+    ((7, 5), "float16"),   # T4 (Colab's free GPU): bfloat16 only emulated there, slower than float32
+    ((8, 0), "bfloat16"),  # A100
+    ((8, 9), "bfloat16"),  # RTX 40xx
+    ((9, 0), "bfloat16"),  # H100
+])
+def test_auto_precision_on_an_nvidia_gpu_follows_its_compute_capability(capability, expected):
+    precision, reason = devices.choose_precision("auto", gpu_capability=capability, on_gpu=True)
+    assert precision == expected
+    assert f"compute capability {capability[0]}.{capability[1]}" in reason
+    assert ("loss scaling" in reason) == (expected == "float16")
+    offered = devices.offered_precisions(gpu_capability=capability, on_gpu=True)
+    assert expected in offered and offered[0] == "float32"
+
+
+@pytest.mark.parametrize("units, expected, reason", [
+    ("AMX-BF16", "bfloat16", "the CPU has AMX-BF16"),
+    ("AVX512-BF16", "bfloat16", "the CPU has AVX512-BF16"),
+    (None, "float32", "the CPU has no bfloat16 units"),
+])
+def test_auto_precision_on_a_cpu_follows_its_bfloat16_units(units, expected, reason):
+    assert devices.choose_precision("auto", cpu_units=units, on_gpu=False) == (expected, reason)
+    assert devices.offered_precisions(cpu_units=units, on_gpu=False) == ["float32", *(["bfloat16"] if units else [])]
+
+
+def test_a_precision_named_outright_is_kept_and_an_unknown_one_refused():
+    assert devices.choose_precision("float16", cpu_units=None, on_gpu=False) == (
+        "float16", "chosen by PRECISION or --precision")
+    with pytest.raises(ValueError, match="'int8' is not one of auto, float32, bfloat16, float16"):
+        devices.choose_precision("int8")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu vme sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "AMX-BF16"),
+    ("fpu vme sse avx2 avx512f avx512_bf16", "AVX512-BF16"),
+    ("fpu vme sse avx2 fma", None),
+])
+def test_bfloat16_units_are_read_from_the_cpus_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert devices.cpu_bfloat16_units(cpuinfo) == expected
+
+
+@pytest.mark.parametrize("gpus, units, forced, expected", [
+    ([], None, None, "cpu"), ([], "AVX512-BF16", None, "cpu"), ([], "AMX-BF16", None, "cpu_amx"),
+    (["/physical_device:GPU:0"], "AMX-BF16", None, "gpu"), (["/physical_device:GPU:0"], None, "cpu_amx", "cpu_amx"),
+])
+def test_the_hardware_class_follows_the_devices(monkeypatch, gpus, units, forced, expected):
+    monkeypatch.setattr(devices, "gpus", lambda: gpus)
+    monkeypatch.setattr(devices, "cpu_bfloat16_units", lambda: units)
+    if forced:
+        monkeypatch.setenv(devices.HARDWARE_VARIABLE, forced)
+    else:
+        monkeypatch.delenv(devices.HARDWARE_VARIABLE, raising=False)
+    assert devices.hardware() == expected
+
+
+def test_float16_trains_with_loss_scaling_and_keeps_float32_weights_and_outputs():
+    """On this CPU (slow, but the same arithmetic as a T4's): Keras wraps the optimizer in its
+    loss scaling when a model is compiled under the float16 policy, and the toy model learns."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 8)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("int64")
+    try:
+        devices.set_precision("float16")
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(2, activation="softmax", dtype="float32")])
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        history = model.fit(x, y, batch_size=32, epochs=8, verbose=0)
+        assert model.layers[0].compute_dtype == "float16" and model.layers[0].kernel.dtype == "float32"
+        assert model.predict(x[:4], verbose=0).dtype == np.float32
+        assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+        assert history.history["accuracy"][-1] > 0.9
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("hardware, image_size", [("gpu", 128), ("cpu_amx", 64), ("cpu", 32)])
+def test_the_main_job_takes_each_kinds_image_size(monkeypatch, hardware, image_size):
+    import transfer_learning
+
+    monkeypatch.setenv(devices.HARDWARE_VARIABLE, hardware)
+    try:
+        script = importlib.reload(transfer_learning)
+        assert (script.HARDWARE, script.IMAGE_SIZE, script.PRECISION) == (hardware, image_size, "auto")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(transfer_learning)
