@@ -35,6 +35,7 @@ LEARNING_RATE = 1e-3  # AdamW's
 WEIGHT_DECAY = 0.05  # AdamW's, on the kernels only
 IMAGE_SIZE = 32  # the side the network sees; images are resized to it inside the model
 VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
+TEST_SPLIT = 0.2  # share of each class held out for the test report, for class folders without test/
 SEED = 42
 AUGMENT = True  # random flips and shifts of up to 4 pixels, in training only
 HEAD_DROPOUT = 0.5
@@ -98,7 +99,7 @@ def main(setup):
     keras.utils.set_random_seed(SEED)
     run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, TEST_SPLIT, SEED, setup.subset)
 
     # Raw uint8 images, scaled to [-1, 1]; augmented in training only; then the network.
     network = build_network(dataset.image_shape, dataset.num_classes)

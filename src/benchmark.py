@@ -100,7 +100,7 @@ def images_per_second(step, batch_size, min_seconds):
 
 def matmul_peak(size, min_seconds):
     """FLOP/s of a square matrix product in the compute dtype, the device's practical peak."""
-    dtype = keras.DTYPE_POLICY().compute_dtype
+    dtype = keras.config.dtype_policy().compute_dtype
     rng = np.random.default_rng(0)
     a = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
     b = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)

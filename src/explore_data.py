@@ -9,6 +9,9 @@ Writes to out/explore_data/<timestamp>/:
 - image_sizes.png (image-folder data only): the original width and height of every image,
   before the loader converted them to one square size.
 
+It prints the images per class in the training, validation and test sets, and where each set
+comes from (for class folders alone: the split the training scripts make).
+
     python src/explore_data.py
     python src/explore_data.py --data in/my-images.tar.gz
 """
@@ -26,6 +29,7 @@ from vgg_transfer.errors import InputError
 
 SAMPLES_PER_CLASS = 8
 VALIDATION_SPLIT = 0.1
+TEST_SPLIT = 0.2  # as the training scripts split class folders that have no test/
 SEED = 42
 AUGMENTED_IMAGES = 4  # training images shown in augmentation.png
 DRAWS = 5  # augmentation draws of each
@@ -146,7 +150,7 @@ def plot_augmentation(path, images, image_size, draws, seed, title):
 
 def main(arguments):
     runs.check_writable(arguments.out)
-    dataset = data.load_dataset(arguments.data, VALIDATION_SPLIT, SEED)
+    dataset = data.load_dataset(arguments.data, VALIDATION_SPLIT, TEST_SPLIT, SEED)
     folder = Path(arguments.out) / "explore_data" / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True)
     title = dataset.source
@@ -160,8 +164,19 @@ def main(arguments):
     if sizes:
         plot_image_sizes(folder / "image_sizes.png", sizes, title)
         written.append("image_sizes.png")
-    print(f"{len(dataset.y_train):,} training, {len(dataset.y_val):,} validation and {len(dataset.y_test):,} test "
-          f"images of {dataset.num_classes} classes; wrote {', '.join(written)} to {folder}")
+    print_split(dataset)
+    print(f"Wrote {', '.join(written)} to {folder}")
+
+
+def print_split(dataset):
+    """Images per class in each split, and where the validation and test sets come from."""
+    counts = dataset.images_per_class()
+    width = max(len(name) for name in dataset.class_names)
+    print(f"{'class':<{width}} {'train':>8} {'validation':>10} {'test':>8}")
+    for name in dataset.class_names:
+        print(f"{name:<{width}} {counts['train'][name]:>8,} {counts['validation'][name]:>10,} {counts['test'][name]:>8,}")
+    print(f"{'all':<{width}} {len(dataset.y_train):>8,} {len(dataset.y_val):>10,} {len(dataset.y_test):>8,}")
+    print(f"Validation: {dataset.validation_source}. Test: {dataset.test_source}.")
 
 
 if __name__ == "__main__":

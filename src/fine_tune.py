@@ -3,10 +3,10 @@
 Phase 1 trains a new head on the frozen base. Phase 2 unfreezes the base from UNFREEZE_FROM and
 recompiles at a 10x lower rate: the pretrained weights are adjusted, not overwritten.
 
-Two recipes: `on_images` (a GPU's) and `on_cached_activations` (a CPU's, CACHE_FROZEN_BLOCKS).
-The head sits on block 4 on a CPU, which keeps more of a small image than block 5.
+Two recipes: `on_images` (a GPU's) and `on_cached_activations` (a CPU's, CACHE_FROZEN_BLOCKS); on a
+CPU the head sits on block 4, which keeps more of a small image than block 5.
 
-    python src/fine_tune.py                                # this machine's recipe
+    python src/fine_tune.py    # this machine's recipe; --help lists every flag
 """
 
 import sys
@@ -28,6 +28,7 @@ LEARNING_RATE = 1e-3  # Adam's, in phase 1
 FINE_TUNE_LEARNING_RATE = 1e-4  # in phase 2: small, to adjust the pretrained weights, not overwrite them
 IMAGE_SIZE = {"gpu": 128, "cpu_amx": 64, "cpu": 32}[HARDWARE]  # the side VGG16 sees; resized inside the model
 VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
+TEST_SPLIT = 0.2  # share of each class held out for the test report, for class folders without test/
 SEED = 42
 FEATURE_LAYER = "block5_pool" if HARDWARE == "gpu" else "block4_pool"  # the head's input: where VGG16 is cut
 UNFREEZE_FROM = "block1_conv1" if HARDWARE == "gpu" else "block4_conv3"  # phase 2 trains it and all after it
@@ -58,8 +59,7 @@ def fit_phase(run, phase, model, learning_rate, epochs, x_train, y_train, x_val,
                                         save_best_only=True),
         schedule,
     ]
-    # Batches shuffles every epoch in an order drawn from SEED and the epoch (so fit must not):
-    # with the project's callbacks, a run stopped by Ctrl-C or a crash continues exactly.
+    # Batches shuffles in an order drawn from SEED and the epoch (so fit must not): a resumed run continues exactly.
     training_batches = data.Batches(x_train, y_train, BATCH_SIZE, shuffle=True, seed=SEED)
     callbacks += training.project_callbacks(run, callbacks, training_batches, phase)
     validation = data.Batches(x_val, y_val, BATCH_SIZE)
@@ -141,7 +141,7 @@ def main(setup):
     keras.utils.set_random_seed(SEED)
     run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, TEST_SPLIT, SEED, setup.subset)
 
     # VGG16 with its ImageNet weights, cut after FEATURE_LAYER, frozen for phase 1.
     vgg16 = keras.applications.VGG16(include_top=False, weights=setup.weights, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))

@@ -33,6 +33,7 @@ BATCH_SIZE = 256
 LEARNING_RATE = 1e-3  # Adam's
 IMAGE_SIZE = 64  # the side VGG16 sees; 64 px leaves block 4 a 4x4 output for the head's poolings
 VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
+TEST_SPLIT = 0.2  # share of each class held out for the test report, for class folders without test/
 SEED = 42
 FEATURE_LAYER = "block4_pool"  # where VGG16 is cut
 TRAIN_BASE = False  # False: frozen base, cached features; True: base and head trained together
@@ -49,7 +50,7 @@ def main(setup):
     keras.utils.set_random_seed(SEED)
     run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, TEST_SPLIT, SEED, setup.subset)
 
     # VGG16 with its ImageNet weights, cut after FEATURE_LAYER; frozen unless TRAIN_BASE.
     vgg16 = keras.applications.VGG16(include_top=False, weights=setup.weights,

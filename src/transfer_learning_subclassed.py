@@ -29,6 +29,7 @@ BATCH_SIZE = 512
 LEARNING_RATE = 1e-3  # Adam's
 IMAGE_SIZE = 32  # the side VGG16 sees; images are resized to it inside the model
 VALIDATION_SPLIT = 0.1  # share of the training images held out to steer the callbacks
+TEST_SPLIT = 0.2  # share of each class held out for the test report, for class folders without test/
 SEED = 42
 FEATURE_LAYER = "block4_pool"  # where VGG16 is cut; at 32 px block 5 pools each image to 1x1
 HEAD_UNITS = 512
@@ -67,7 +68,7 @@ def main(setup):
     keras.utils.set_random_seed(SEED)
     run = runs.Run(setup)
     with run.timed("data"):
-        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, SEED, setup.subset)
+        dataset = data.load_dataset(setup.data, VALIDATION_SPLIT, TEST_SPLIT, SEED, setup.subset)
 
     # VGG16 with its ImageNet weights, cut after FEATURE_LAYER and frozen.
     vgg16 = keras.applications.VGG16(include_top=False, weights=setup.weights,

@@ -57,3 +57,22 @@ def interrupt_after_epochs(monkeypatch, count):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(training.ResumeAfterInterruption, "on_epoch_end", on_epoch_end)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(shared_data, tmp_path_factory):
+    """Two uninterrupted runs of the main job's test command (main_job.COMMAND), same seed: the
+    reference of the reproducibility, backend, precision and data-parallelism tests."""
+    from main_job import main_job, metrics_of, runs_in
+
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    for _ in range(2):
+        finished = main_job(shared_data, out_dir)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        # TensorFlow's C++ warnings and errors (a CUDA "error" on a CPU machine) stay quiet:
+        # the log level is set before TensorFlow loads.
+        logged = [line for line in finished.stderr.splitlines() if line[:5] in ("W0000", "E0000")]
+        assert not logged, logged
+    complete, partial = runs_in(out_dir)
+    assert len(complete) == 2 and not partial
+    return [metrics_of(run_dir) for run_dir in complete]

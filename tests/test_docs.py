@@ -39,3 +39,45 @@ def test_each_training_script_shows_its_keras_story(script):
         assert call in text, f"{script} does not show {call}"
     if script != "baselines.py":  # trained from scratch
         assert "keras.applications.VGG16(" in text and "trainable = " in text
+
+
+def _package_imports():
+    """{module: the package modules it imports} for src/vgg_transfer, read from the source."""
+    import ast
+
+    package = PROJECT_ROOT / "src" / "vgg_transfer"
+    imports = {}
+    for path in sorted(package.glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "vgg_transfer":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vgg_transfer."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                scripts = {script.stem for script in (PROJECT_ROOT / "src").glob("*.py")}
+                assert not scripts & set(names), f"{path.name} imports a script ({scripts & set(names)})"
+        imports[path.stem] = found
+    return imports
+
+
+def test_the_design_notes_list_every_module_of_the_package_and_none_imports_in_a_circle():
+    imports = _package_imports()
+    design = (PROJECT_ROOT / "docs" / "design.md").read_text()
+    table = design.split("| module | what it does | imports |")[1].split("\n\n")[0]
+    listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert listed == set(imports) - {"__init__"}, "docs/design.md's module table differs from src/vgg_transfer"
+    visiting, done = [], set()
+
+    def visit(module):  # depth-first: a module met again while its own imports are visited closes a circle
+        assert module not in visiting, f"import circle: {' -> '.join(visiting[visiting.index(module):] + [module])}"
+        if module not in done:
+            visiting.append(module)
+            for imported in imports.get(module, ()):
+                visit(imported)
+            visiting.pop()
+            done.add(module)
+
+    for module in imports:
+        visit(module)

@@ -46,7 +46,7 @@ def pretrained_run(shared_data, tmp_path_factory):
 def test_set(shared_data):
     """The test images of the runs above: same data, seed and subset."""
     values, _ = cli.parse("", cli.constants(vars(transfer_learning)), ["--subset", str(SUBSET)])
-    return data.load_dataset(shared_data[0], values["VALIDATION_SPLIT"], values["SEED"], SUBSET, verbose=False)
+    return data.load_dataset(shared_data[0], values["VALIDATION_SPLIT"], values["TEST_SPLIT"], values["SEED"], SUBSET, verbose=False)
 
 
 def _metrics(run_dir):

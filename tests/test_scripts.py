@@ -31,7 +31,7 @@ def _run(script, out_dir, shared_data, *extra):
 
 def _test_images(script, shared_data):
     values, common = cli.parse("", cli.constants(vars(script)), QUICK)
-    return data.load_dataset(shared_data[0], values["VALIDATION_SPLIT"], values["SEED"], common["subset"], verbose=False)
+    return data.load_dataset(shared_data[0], values["VALIDATION_SPLIT"], values["TEST_SPLIT"], values["SEED"], common["subset"], verbose=False)
 
 
 def _assert_reloads_with_the_same_predictions(run_dir, dataset):

@@ -18,6 +18,7 @@ import builtins
 import dataclasses
 import difflib
 import dis
+import errno
 import importlib.util
 import io
 import math
@@ -272,7 +273,7 @@ def run(main, script_globals, argv=None, pretrained=True):
             data loads); False for networks trained from scratch.
 
     Returns:
-        The process exit status: 0 on success, 2 on bad input, 130 on Ctrl-C.
+        The process exit status: 0 on success, 2 on bad input, 1 on a full disk, 130 on Ctrl-C.
     """
     script_file = Path(script_globals["__file__"])
     prog = script_file.name
@@ -308,6 +309,11 @@ def run(main, script_globals, argv=None, pretrained=True):
         print(f"\n{prog}: interrupted. {_interrupted_run_summary(setup)}"
               "Earlier runs in out/ are untouched.", file=sys.stderr)
         return distribute.exit_status(130)
+    except OSError as error:
+        if error.errno not in FULL_DISK_ERRORS:
+            raise
+        print(f"{prog}: error: {_full_disk(error, setup)}", file=sys.stderr)
+        return distribute.exit_status(1)
     except Exception as error:
         if not os.environ.get(distribute.JOB_ADDRESSES):
             raise
@@ -320,12 +326,31 @@ def run(main, script_globals, argv=None, pretrained=True):
     return 0
 
 
-def _interrupted_run_summary(setup):
-    """Where the interrupted run's best checkpoint is, and how to continue it."""
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # no space left; disk quota exceeded
+
+
+def _full_disk(error, setup):
+    """One line for a full disk: what was being written, in which folder, and what to do."""
+    written = Path(error.filename) if error.filename else None
+    run = setup.run if setup else None
+    if run is not None and run.started and (written is None or run.path in written.parents):
+        what = f"the run folder {run.path}" + (f" ({written.name})" if written else "")
+        advice = _interrupted_run_summary(setup, unfinished=written).replace("Run the same command",
+                                                                             "Free some space and run it")
+        return f"no space left on the device while writing {what}. {advice}Earlier runs in out/ are untouched."
+    if written is not None and paths.cache_dir() in written.parents:
+        return (f"no space left on the device while writing the cache {written.parent} ({written.name}); free some "
+                f"space, or set VGG_TRANSFER_CACHE_DIR to a folder on a disk with room. Earlier runs are untouched.")
+    return f"no space left on the device while writing {written or 'a file'}; free some space and run it again."
+
+
+def _interrupted_run_summary(setup, unfinished=None):
+    """Where the interrupted run's best checkpoint is (not `unfinished`, a file being written
+    when the run stopped), and how to continue it."""
     run = setup.run if setup else None
     if run is None or not run.started:
         return ""
-    checkpoints = sorted((run.path / "checkpoints").glob("*.keras"))
+    checkpoints = sorted(set((run.path / "checkpoints").glob("*.keras")) - {unfinished})
     best = f"Best checkpoint so far: {', '.join(map(str, checkpoints))}. " if checkpoints else "No checkpoint yet. "
     return best + "Run the same command again to continue from the last completed epoch. "
 

@@ -1,19 +1,11 @@
 """CIFAR-10 (or any image-folder data set) as uint8 arrays, split into train, validation and test.
 
-Accepted forms, for `--data PATH` or found in `in/` when no path is given:
-
-- `cifar-10-python.tar.gz`, the official python-format archive;
-- an extracted `cifar-10-batches-py/` folder;
-- an image-folder tree `ROOT/train/<class>/*` and `ROOT/test/<class>/*`, with
-  `ROOT/validation/<class>/*` (or `ROOT/val/<class>/*`) used as the validation set when
-  present; as a folder or as a `.tar.gz`/`.tgz`/`.tar` archive of one (such as
-  `cifar-10-images-jpg.tar.gz`). Any image format Pillow reads, any size and mode; class
-  names are the folder names in sorted order.
-
-With nothing local, `keras.datasets.cifar10.load_data()` downloads CIFAR-10.
-
-Decoded arrays are cached (`.npz`, keyed by the source's paths, sizes and modification
-times), so a second run starts in about a second instead of decoding 60,000 files again.
+The data comes from `--data PATH` or from `in/` in one of `image_files.ACCEPTED_FORMS` (read
+by `image_files`), else from `keras.datasets.cifar10.load_data()`'s download. Class folders
+alone are split here: a seeded, stratified TEST_SPLIT of each class becomes the test set, the
+same in every run. Decoded arrays are cached (`.npy` files, keyed by the source's paths, sizes
+and modification times), so a second run starts in about a second instead of decoding 60,000
+files again.
 """
 
 import dataclasses
@@ -23,6 +15,7 @@ import math
 import os
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import keras
@@ -32,7 +25,7 @@ from vgg_transfer import distribute, image_files, paths, stored
 from vgg_transfer.errors import InputError, first_line
 
 # Bumped whenever the decoding changes, so that old caches are not reused.
-CACHE_FORMAT_VERSION = 3
+CACHE_FORMAT_VERSION = 4
 
 
 @dataclasses.dataclass
@@ -53,6 +46,7 @@ class Dataset:
     class_names: tuple
     source: str
     validation_source: str
+    test_source: str = "the data's test set"
 
     @property
     def num_classes(self):
@@ -66,15 +60,23 @@ class Dataset:
         return {
             "source": self.source,
             "validation": self.validation_source,
+            "test": self.test_source,
             "class_names": list(self.class_names),
             "image_shape": list(self.image_shape),
             "train_images": int(len(self.y_train)),
             "validation_images": int(len(self.y_val)),
             "test_images": int(len(self.y_test)),
+            "images_per_class": self.images_per_class(),
         }
 
+    def images_per_class(self):
+        """{"train": {class name: count}, "validation": ..., "test": ...}."""
+        return {split: dict(zip(self.class_names, np.bincount(labels, minlength=self.num_classes).tolist()))
+                for split, labels in (("train", self.y_train), ("validation", self.y_val), ("test", self.y_test))}
 
-def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cache_dir=None, verbose=True):
+
+def load_dataset(data_path=None, validation_split=0.1, test_split=0.2, seed=0, subset=None, cache_dir=None,
+                 verbose=True):
     """Finds, decodes (once, then from cache) and splits the data.
 
     Args:
@@ -82,6 +84,9 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
             in `in/` and then download CIFAR-10 with Keras.
         validation_split: fraction in (0, 1) of each training class held out for validation
             when the data has no validation folder.
+        test_split: fraction in (0, 1) of each class held out as the test set when the data is
+            class folders alone; drawn with TEST_SPLIT_SEED, not `seed`, so that runs with
+            different seeds are tested on the same images.
         seed: seeds the validation slice and the subset, so both are reproducible.
         subset: None for all images, or N to keep N training images and N // 5 test images,
             both stratified by class, for quick runs.
@@ -105,8 +110,8 @@ def load_dataset(data_path=None, validation_split=0.1, seed=0, subset=None, cach
         decoded = _decode_cached(source_path, form, cache_dir)
     if verbose:
         print(f"Data: {source}")
-    split_folder = cache_dir / f"split-{key}-{seed}-{validation_split}-{subset}"  # used for stored arrays only
-    dataset = _split(decoded, source, validation_split, seed, subset, split_folder)
+    split_folder = cache_dir / f"split-{key}-{seed}-{validation_split}-{test_split}-{subset}"  # for stored arrays only
+    dataset = _split(decoded, source, validation_split, test_split, seed, subset, split_folder)
     return distribute.whole_batches(dataset)  # the dataset itself without data parallelism
 
 
@@ -145,17 +150,30 @@ def _form_of(path):
             return "cifar-python-folder"
         if (path / "cifar-10-batches-py").is_dir():
             return _form_of(path / "cifar-10-batches-py")
-        if (path / "train").is_dir() and (path / "test").is_dir():
-            return "image-folders"
-        return None
-    if path.name.endswith(image_files.TARBALL_SUFFIXES):
+        return "image-folders" if _holds_class_folders(path) else None
+    if path.name.lower().endswith(".zip"):
+        try:
+            with zipfile.ZipFile(path) as archive:  # its table of contents is quick to read
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise InputError(f"cannot read the archive {path} ({first_line(error)}); download it again") from None
+        return "cifar-python-archive" if any(name.endswith("data_batch_1") for name in names) else "image-folders-archive"
+    if path.name.lower().endswith(image_files.ARCHIVE_SUFFIXES):
         return "cifar-python-archive" if "python" in path.name else "image-folders-archive"
     return None
 
 
-def _download_cifar10():
-    import keras
+def _holds_class_folders(path, depth=2):
+    """Whether a folder looks like image folders: train/ and test/, two or more class folders, or
+    one folder (such as an unpacked archive's) that does. `image_files.split_members` decides."""
+    folders = [child for child in path.iterdir() if child.is_dir() and not image_files.left_by_tools(child.name)]
+    names = {folder.name for folder in folders}
+    if {"train", "test"} <= names or len(folders) >= 2:
+        return True
+    return len(folders) == 1 and depth > 0 and _holds_class_folders(folders[0], depth - 1)
 
+
+def _download_cifar10():
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # Keras raises plain Exceptions for network failures.
@@ -163,8 +181,8 @@ def _download_cifar10():
             f"no data found in {paths.in_dir()} and the CIFAR-10 download failed "
             f"({first_line(error)}); put {image_files.ACCEPTED_FORMS} into in/, or pass --data PATH"
         ) from None
-    return image_files.Decoded(x_train, y_train.reshape(-1).astype(np.int64), x_test,
-                    y_test.reshape(-1).astype(np.int64), image_files.CIFAR10_CLASS_NAMES)
+    return image_files.Decoded(x_train=x_train, y_train=y_train.reshape(-1).astype(np.int64), x_test=x_test,
+                               y_test=y_test.reshape(-1).astype(np.int64), class_names=image_files.CIFAR10_CLASS_NAMES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,7 +252,7 @@ def original_image_sizes(data_path=None):
         return []
     members = image_files.Members(source_path)
     sizes = [image_files.header_size(members, name, skipped=[])
-             for names in image_files.split_members(members, source_path).values() for name in names]
+             for files in image_files.split_members(members, source_path).values() for name, _ in files]
     return [size for size in sizes if size is not None]  # not images: the loader skips them too
 
 
@@ -242,8 +260,12 @@ def original_image_sizes(data_path=None):
 # Splitting
 
 
-def _split(decoded, source, validation_split, seed, subset, folder):
-    """Subset, validation split and test set; the rows of stored arrays are copied into stored
+# Seeds the test set split off class folders alone: fixed, so every run tests on the same images.
+TEST_SPLIT_SEED = 0
+
+
+def _split(decoded, source, validation_split, test_split, seed, subset, folder):
+    """Test set, subset and validation split; the rows of stored arrays are copied into stored
     arrays in `folder`, a chunk at a time (and reused when that folder is complete)."""
     complete = folder / "complete"
 
@@ -255,14 +277,21 @@ def _split(decoded, source, validation_split, seed, subset, folder):
         return stored.take(array, indices, folder / f"{name}.npy")
 
     rng = np.random.default_rng(seed)
-    x_train, y_train, x_test, y_test = decoded.x_train, decoded.y_train, decoded.x_test, decoded.y_test
-    train_rows, test_rows = np.arange(len(y_train)), np.arange(len(y_test))
     num_classes = len(decoded.class_names)
+    x_train, y_train = decoded.x_train, decoded.y_train
+    if decoded.x_test is None:  # class folders alone
+        train_rows, test_rows = stratified_split(y_train, test_split, np.random.default_rng(TEST_SPLIT_SEED))
+        x_test, y_test = x_train, y_train
+        test_source = f"stratified {test_split:.0%} of each class (split seed {TEST_SPLIT_SEED}, the same in every run)"
+    else:
+        train_rows, test_rows = np.arange(len(y_train)), np.arange(len(decoded.y_test))
+        x_test, y_test = decoded.x_test, decoded.y_test
+        test_source = "the data's test set"
     if subset is not None:
         if subset < 2 * num_classes:
             raise InputError(f"--subset {subset} is too small for {num_classes} classes; pass at least {2 * num_classes}")
-        train_rows = stratified_sample(y_train, subset, rng)
-        test_rows = stratified_sample(y_test, max(subset // 5, num_classes), rng)
+        train_rows = train_rows[stratified_sample(y_train[train_rows], subset, rng)]
+        test_rows = test_rows[stratified_sample(y_test[test_rows], max(subset // 5, num_classes), rng)]
     if decoded.x_val is not None:
         val_rows = np.arange(len(decoded.y_val))
         if subset is not None:
@@ -274,12 +303,12 @@ def _split(decoded, source, validation_split, seed, subset, folder):
         train_rows, val_rows = train_rows[kept], train_rows[held_out]
         x_val, y_val = rows(x_train, val_rows, "x_val"), y_train[val_rows]
         validation_source = f"stratified {validation_split:.0%} of the training images (seed {seed})"
-    x_train, y_train = rows(x_train, train_rows, "x_train"), y_train[train_rows]
+    x_train_rows, y_train = rows(x_train, train_rows, "x_train"), y_train[train_rows]
     x_test, y_test = rows(x_test, test_rows, "x_test"), y_test[test_rows]
-    if isinstance(x_train, stored.StoredArray):
+    if isinstance(x_train_rows, stored.StoredArray):
         complete.touch()
-    return Dataset(x_train, y_train, x_val, y_val, x_test, y_test, tuple(decoded.class_names), source,
-                   validation_source)
+    return Dataset(x_train_rows, y_train, x_val, y_val, x_test, y_test, tuple(decoded.class_names), source,
+                   validation_source, test_source)
 
 
 def stratified_split(labels, fraction, rng):

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from vgg_transfer import distribute, models, paths, stored
+from vgg_transfer.errors import first_line
 
 # Bumped whenever what goes into the features changes (e.g. the preprocessing), so that
 # old caches are not reused.
@@ -81,17 +82,24 @@ def _extract(feature_extractor, images, feature_shape, batch_size, verbose, cach
     """The features of `images`, written to `cache_file` a chunk at a time, then read back (in
     memory if they fit what is left of the budget); computed in memory when the cache cannot be written."""
     temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    rows = max(batch_size, min(EXTRACTION_CHUNK, EXTRACTION_CHUNK_BYTES // max(1, images[:1].nbytes)))
+    features = writer = None
     try:
         writer = stored.StoredArrayWriter(temporary, (len(images), *feature_shape), storage)
-    except OSError as error:
-        warnings.warn(f"Could not write the feature cache {cache_file} ({error}); the next run extracts again.")
+        for start in range(0, len(images), rows):
+            features = distribute.predict(feature_extractor, images[start:start + rows], batch_size, verbose)
+            writer[start:start + len(features)] = features
+        writer.close()
+        os.replace(temporary, cache_file)
+    except OSError as error:  # a full disk, a read-only folder: the cache only saves time
+        if writer is not None:
+            writer.file.close()
+        temporary.unlink(missing_ok=True)
+        warnings.warn(f"Could not write the feature cache {cache_file} ({first_line(error)}); the features are "
+                      f"kept in memory and the next run extracts them again.")
+        if features is not None and len(features) == len(images):  # all in one chunk: computed already
+            return features.astype(np.float32)
         return distribute.predict(feature_extractor, images, batch_size, verbose).astype(np.float32)
-    rows = max(batch_size, min(EXTRACTION_CHUNK, EXTRACTION_CHUNK_BYTES // max(1, images[:1].nbytes)))
-    for start in range(0, len(images), rows):
-        chunk = images[start:start + rows]
-        writer[start:start + len(chunk)] = distribute.predict(feature_extractor, chunk, batch_size, verbose)
-    writer.close()
-    os.replace(temporary, cache_file)
     return _read(cache_file, (len(images), *feature_shape), budget)
 
 

@@ -1,21 +1,25 @@
 """Images from folders and archives, and CIFAR-10's python batches, decoded into uint8 arrays.
 
 An image-folder tree is ROOT/{train,test}/<class>/<image> (with ROOT/validation/ or val/ used
-as the validation set when present), as a folder or as a .tar.gz/.tgz/.tar archive of one, read
-in place. Any image format Pillow reads, any size and mode: each image is converted to RGB as a
-viewer shows it (`to_rgb`) and resized into one square size for storage; the models resize to
-IMAGE_SIZE themselves.
+as the validation set when present), or ROOT/<class>/... alone (split by `data`), as a folder or
+as a .zip/.tar.gz/.tgz/.tar archive of one, read in place. Hidden files and folders and those
+that tools leave behind (`left_by_tools`) are ignored. Any image format Pillow reads, any size
+and mode: each image is turned as its EXIF orientation says and converted to RGB as a viewer
+shows it (`as_shown`, `to_rgb`), and resized into one square size for storage; the models
+resize to IMAGE_SIZE themselves.
 """
 
+import codecs
 import dataclasses
 import io
 import os
 import pickle
 import tarfile
 import warnings
+import zipfile
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vgg_transfer import stored
 from vgg_transfer.errors import InputError, first_line
@@ -25,11 +29,12 @@ CIFAR10_CLASS_NAMES = (
     "dog", "frog", "horse", "ship", "truck",
 )
 ACCEPTED_FORMS = (
-    "cifar-10-python.tar.gz, an extracted cifar-10-batches-py/ folder, or an image-folder "
-    "tree ROOT/train/<class>/* and ROOT/test/<class>/* (a folder or a .tar.gz of one)"
+    "cifar-10-python.tar.gz, an extracted cifar-10-batches-py/ folder, or image folders "
+    "ROOT/train/<class>/* and ROOT/test/<class>/*, or ROOT/<class>/* alone (a folder, or a .zip or .tar.gz of one)"
 )
-TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 VALIDATION_FOLDER_NAMES = ("validation", "val")
+SPLIT_FOLDER_NAMES = ("train", "test", *VALIDATION_FOLDER_NAMES)
 # Images of mixed sizes are resized to one square size for storage; the model then resizes
 # to IMAGE_SIZE itself. The cap keeps a folder of large photos from filling the memory.
 MAX_STORED_IMAGE_SIDE = 256
@@ -41,43 +46,75 @@ class Decoded:
 
     x_train: np.ndarray
     y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
     class_names: tuple
+    x_test: np.ndarray = None  # None for class folders alone: `data` then splits a test set off
+    y_test: np.ndarray = None
     x_val: np.ndarray = None
     y_val: np.ndarray = None
 
 
+# Left in data folders by tools, never classes or images: macOS archives' resource forks and
+# Windows Explorer's files (names starting with "." - .DS_Store, ._*, .ipynb_checkpoints/ - too).
+TOOL_FILE_NAMES = ("__macosx", "thumbs.db", "desktop.ini")
+
+
+def left_by_tools(name):
+    """Whether a relative path lies in or is a hidden or tool-made file or folder (`TOOL_FILE_NAMES`)."""
+    return any(part.startswith(".") or part.lower() in TOOL_FILE_NAMES for part in name.split("/"))
+
+
 class Members:
-    """Uniform read access to the files of a folder or of a tar archive, by relative path."""
+    """Uniform read access to the files of a folder, a tar archive or a zip archive (read in
+    place, nothing extracted), by relative path with "/" separators; hidden and tool-made files
+    (`left_by_tools`) are left out."""
 
     def __init__(self, path):
         self.path = path
-        self._tar = None
-        if path.is_file():
+        self._tar = self._zip = None
+        if path.is_dir():
+            found = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+        else:
             try:
-                self._tar = tarfile.open(path)
-                self._members = {
-                    member.name.lstrip("./"): member for member in self._tar.getmembers() if member.isfile()
-                }
-            except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+                if zipfile.is_zipfile(path):
+                    self._zip = zipfile.ZipFile(path)
+                    found = {member.filename: member for member in self._zip.infolist() if not member.is_dir()}
+                else:
+                    self._tar = tarfile.open(path)
+                    found = {member.name: member for member in self._tar.getmembers() if member.isfile()}
+            except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
                 raise InputError(
                     f"cannot read the archive {path} ({first_line(error)}); download it again or "
                     f"unpack it and pass the folder with --data"
                 ) from None
-        else:
-            self._members = {str(p.relative_to(path)): p for p in path.rglob("*") if p.is_file()}
+            found = {self._checked(name): member for name, member in found.items()}
+        self._members = {name: member for name, member in found.items() if not left_by_tools(name)}
+
+    def _checked(self, name):
+        """An archive member's name relative to the archive's root; names that point outside it
+        (absolute, or with "..") are refused, though nothing is ever extracted, as a sign of a
+        tampered archive."""
+        name = name.replace("\\", "/")
+        while name.startswith("./"):
+            name = name[2:]
+        if name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"):
+            raise InputError(f"the archive {self.path} holds a file named {name!r}, outside the archive's own "
+                             f"folder; this archive is not safe to use, download it again from its source")
+        return name
 
     def names(self):
         return sorted(self._members)
 
     def read(self, name):
         member = self._members[name]
-        if self._tar is None:
-            return member.read_bytes()
         try:
-            return self._tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+            if self._zip is not None:
+                return self._zip.read(member)
+            if self._tar is not None:
+                return self._tar.extractfile(member).read()
+            return member.read_bytes()
+        except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            if self._tar is None and self._zip is None:
+                raise InputError(f"cannot read {member} ({first_line(error)})") from None
             raise InputError(
                 f"the archive {self.path} is truncated or corrupt ({first_line(error)}); download it again"
             ) from None
@@ -98,7 +135,7 @@ def decode_cifar_python(path):
 
     def read_batch(name):
         try:
-            batch = pickle.loads(members.read(name), encoding="bytes")
+            batch = _unpickle(members.read(name), name, path)
             images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             return images, np.asarray(batch[b"labels"], dtype=np.int64)
         except InputError:
@@ -110,41 +147,81 @@ def decode_cifar_python(path):
     x_test, y_test = read_batch(by_basename["test_batch"])
     class_names = CIFAR10_CLASS_NAMES
     if "batches.meta" in by_basename:
-        meta = pickle.loads(members.read(by_basename["batches.meta"]), encoding="bytes")
+        meta = _unpickle(members.read(by_basename["batches.meta"]), by_basename["batches.meta"], path)
         class_names = tuple(name.decode() for name in meta[b"label_names"])
-    return Decoded(
-        np.concatenate([images for images, _ in train]), np.concatenate([labels for _, labels in train]),
-        np.ascontiguousarray(x_test), y_test, class_names,
-    )
+    return Decoded(x_train=np.concatenate([images for images, _ in train]),
+                   y_train=np.concatenate([labels for _, labels in train]),
+                   x_test=np.ascontiguousarray(x_test), y_test=y_test, class_names=class_names)
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's batches hold (dicts, lists, bytes, strings, numbers and
+    NumPy arrays): a pickle may name any function to call, so a tampered batch could run code."""
+
+    ALLOWED = {
+        # (module, name) as NumPy 1 and 2 and Python 3's protocol 2 write them -> what they may load
+        **{(module, "_reconstruct"): np.zeros(1).__reduce__()[0]
+           for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        **{(module, "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0]
+           for module in ("numpy.core.numeric", "numpy._core.numeric")},
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes pickled by Python 3 in protocol 2
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks to load {module}.{name}")
+        return self.ALLOWED[(module, name)]
+
+
+def _unpickle(content, name, path):
+    try:
+        return _ArraysOnlyUnpickler(io.BytesIO(content), encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{name} in {path} is not a plain CIFAR-10 batch ({error}); it was not loaded, as it could "
+                         f"run code: download cifar-10-python.tar.gz again from its source") from None
 
 
 def split_members(members, path):
-    """The image-folder files by split: {"train": [...], "test": [...], maybe "validation"},
-    under ROOT, the folder that holds train/ and test/ (an archive usually adds one level)."""
-    splits = {}
+    """The image files as {split: [(name, class name), ...]}: "train", "test" and maybe
+    "validation" for ROOT/{train,test}/<class>/*, or "all" for ROOT/<class>/** (any depth under
+    the class folder, as `keras.utils.image_dataset_from_directory` reads it), which the project
+    then splits. ROOT is the shallowest folder holding such a tree (an archive often adds one)."""
+    splits, flat = {}, {}
     for name in members.names():
         parts = name.split("/")
-        if len(parts) >= 3 and parts[-3] in ("train", "test", *VALIDATION_FOLDER_NAMES):
-            root = "/".join(parts[:-3])
-            splits.setdefault(root, {}).setdefault(parts[-3], []).append(name)
+        if len(parts) >= 3 and parts[-3] in SPLIT_FOLDER_NAMES:
+            splits.setdefault(tuple(parts[:-3]), {}).setdefault(parts[-3], []).append((name, parts[-2]))
+        for depth in range(len(parts) - 1):
+            flat.setdefault(tuple(parts[:depth]), {}).setdefault(parts[depth], []).append(name)
     roots = [root for root, found in splits.items() if "train" in found and "test" in found]
-    if not roots:
-        raise InputError(f"{path} holds no train/<class>/ and test/<class>/ image folders; pass {ACCEPTED_FORMS}")
-    return splits[min(roots, key=len)]
+    if roots:
+        return splits[min(roots, key=len)]
+    flat_roots = [root for root, classes in flat.items() if len(classes) >= 2]
+    if not flat_roots:
+        raise InputError(f"{path} holds no class folders of images; pass {ACCEPTED_FORMS}")
+    classes = flat[min(flat_roots, key=len)]
+    if set(classes) <= set(SPLIT_FOLDER_NAMES):
+        raise InputError(f"{path} has {'/, '.join(sorted(classes))}/ but not both train/ and test/; add "
+                         f"test/<class>/ folders, or pass one folder of class folders for the project to split")
+    return {"all": [(name, class_name) for class_name, names in classes.items() for name in names]}
 
 
 def decode_image_folders(path, folder):
-    """Reads ROOT/{train,validation,test}/<class>/<image> from a folder or an archive; arrays
-    larger than the memory budget are written straight to `folder` as .npy files."""
+    """Reads the image files of a folder or an archive (see `split_members`); arrays larger than
+    the memory budget are written straight to `folder` as .npy files. A tree of class folders
+    alone comes back as training images only (`Decoded.x_test` None), for `data` to split."""
     members = Members(path)
     found = split_members(members, path)
+    everything = "train" if "train" in found else "all"
 
-    class_names = tuple(sorted({name.split("/")[-2] for name in found["train"]}))
+    class_names = tuple(sorted({class_name for _, class_name in found[everything]}))
     if len(class_names) < 2:
         raise InputError(f"{path}: train/ has {len(class_names)} class folder; at least two classes are needed")
     for split in ("test", *VALIDATION_FOLDER_NAMES):
         if split in found:
-            split_classes = set(name.split("/")[-2] for name in found[split])
+            split_classes = {class_name for _, class_name in found[split]}
             if not split_classes <= set(class_names):
                 extra = ", ".join(sorted(split_classes - set(class_names)))
                 raise InputError(
@@ -155,22 +232,22 @@ def decode_image_folders(path, folder):
     # photo at its original size: the files' headers first (for the storage size), then each
     # image decoded, converted and resized straight into its row.
     sizes, skipped = {}, []
-    for names in found.values():
-        for name in names:
+    for files in found.values():
+        for name, _ in files:
             sizes[name] = header_size(members, name, skipped)
     side = _storage_side([size for size in sizes.values() if size is not None])
     on_disk = sum(size is not None for size in sizes.values()) * side * side * 3 > stored.memory_budget()
     if on_disk:
         print(f"The decoded images take more than the memory budget: they stay on disk, in {folder}")
     arrays = {}
-    for split, names in found.items():
-        readable = [name for name in names if sizes[name] is not None]
+    for split, files in found.items():
+        readable = [(name, class_name) for name, class_name in files if sizes[name] is not None]
         shape = (len(readable), side, side, 3)
         x = stored.StoredArrayWriter(folder / f"x_{split}.npy", shape, np.uint8) if on_disk else np.empty(shape, np.uint8)
         labels = []
-        for name in readable:  # rows that cannot be decoded after all are not written: the next one takes their place
+        for name, class_name in readable:  # rows that cannot be decoded after all are not written: the next one takes their place
             if _read_into(members, name, x, len(labels), side, skipped):
-                labels.append(class_names.index(name.split("/")[-2]))
+                labels.append(class_names.index(class_name))
         if on_disk:
             x = x.close()
             if len(labels) < len(x):  # files that failed to decode left rows at the end
@@ -181,14 +258,19 @@ def decode_image_folders(path, folder):
     if skipped:
         examples = "; ".join(skipped[:3])
         warnings.warn(f"Skipped {len(skipped)} files that are not readable images (e.g. {examples}).")
-    for split in ("train", "test"):
-        if not len(arrays[split][1]):
-            raise InputError(f"{path}: {split}/ holds no readable images")
-    empty = [name for index, name in enumerate(class_names) if not np.any(arrays["train"][1] == index)]
+    for split in arrays:
+        if split not in VALIDATION_FOLDER_NAMES and not len(arrays[split][1]):
+            raise InputError(f"{path}: {'the class folders hold' if split == 'all' else split + '/ holds'} "
+                             f"no readable images")
+    empty = [name for index, name in enumerate(class_names) if not np.any(arrays[everything][1] == index)]
     if empty:
-        raise InputError(f"{path}: train/ has no readable images for class {', '.join(empty)}; add images or remove the folder")
+        where = "train/ has" if everything == "train" else "the class folders have"
+        raise InputError(f"{path}: {where} no readable images for class {', '.join(empty)}; add images or remove "
+                         f"the folder")
 
-    decoded = Decoded(*arrays["train"], *arrays["test"], class_names)
+    x_train, y_train = arrays[everything]
+    x_test, y_test = arrays.get("test", (None, None))
+    decoded = Decoded(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, class_names=class_names)
     validation = next((name for name in VALIDATION_FOLDER_NAMES if name in arrays and len(arrays[name][1])), None)
     if validation:
         decoded.x_val, decoded.y_val = arrays[validation]
@@ -199,7 +281,9 @@ def header_size(members, name, skipped):
     """(width, height) from an image file's header, or None (recorded in `skipped`) when it is none."""
     try:
         with Image.open(io.BytesIO(members.read(name))) as image:
-            return image.size
+            width, height = image.size
+            # EXIF orientations 5-8 turn the image by 90 degrees: a viewer shows it height x width.
+            return (height, width) if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8) else (width, height)
     except InputError:
         raise
     except Exception as error:
@@ -214,13 +298,23 @@ def _read_into(members, name, x, row, side, skipped):
         with Image.open(io.BytesIO(members.read(name))) as image:
             image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale when that is enough
             image.load()
-            x[row] = _to_square(to_rgb(image), side)
-        return True
+            square = _to_square(to_rgb(as_shown(image)), side)
     except InputError:
         raise
     except Exception as error:
         skipped.append(f"{name}: {first_line(error)}")
         return False
+    x[row] = square  # outside the `try`: a full disk is not an unreadable image
+    return True
+
+
+ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held, i.e. how to turn the stored pixels
+
+
+def as_shown(image):
+    """The image turned and mirrored as its EXIF orientation says (phone photos are often stored
+    sideways with a tag saying so), i.e. as a viewer shows it."""
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image):
@@ -267,7 +361,7 @@ def read_image_file(path, side):
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_square(to_rgb(image), side)
+            return _to_square(to_rgb(as_shown(image)), side)
     except InputError:
         raise
     except Exception as error:

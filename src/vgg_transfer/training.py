@@ -12,6 +12,7 @@ import os
 import time
 
 import keras
+import numpy as np
 
 from vgg_transfer import distribute
 from vgg_transfer.errors import InputError
@@ -105,8 +106,9 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
     after every epoch and restored when the same command runs again:
 
     - the state of the `EarlyStopping`, `ModelCheckpoint` and `ReduceLROnPlateau` callbacks in
-      `callbacks` (best figure, epochs waited, best weights), so a resumed run still knows its
-      best epoch and when to stop or lower the rate;
+      `callbacks` (best figure, epochs waited, best weights: kept here, not read back from the
+      checkpoint, which a full disk may have left half written), so a resumed run still knows
+      its best epoch and when to stop or lower the rate;
     - the state of every random generator in the model (dropout, augmentation), so the resumed
       epochs draw what the uninterrupted run drew (Keras's backup keeps weights only);
     - the epoch `training_batches` shuffles for, so they continue in the uninterrupted run's order;
@@ -181,9 +183,10 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
                 setattr(callback, name, last["callbacks"][type(callback).__name__][name])
         for variable, value in zip(self._random_generators(), last["random_states"], strict=True):
             variable.assign(value)
-        if self.early_stopping and self.checkpoint and os.path.isfile(self.checkpoint.filepath):
-            best = keras.saving.load_model(self.checkpoint.filepath, compile=False)
-            self.early_stopping.best_weights = best.get_weights()
+        best_weights = self.state_dir / f"best-{self.early_stopping.best_epoch}.npz" if self.early_stopping else None
+        if best_weights and best_weights.is_file():
+            with np.load(best_weights) as saved:
+                self.early_stopping.best_weights = [saved[f"arr_{index}"] for index in range(len(saved.files))]
         if self.early_stopping and self.early_stopping.wait >= self.early_stopping.patience:
             self.model._initial_epoch = self.params["epochs"]  # it had stopped early: no epoch left
         print(f"Resuming after epoch {completed} of the interrupted run")
@@ -193,16 +196,25 @@ class ResumeAfterInterruption(keras.callbacks.BackupAndRestore):
             self.training_batches.set_epoch(epoch)  # its order for this epoch, also after a resumption
 
     def on_epoch_end(self, epoch, logs=None):
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # EarlyStopping's best weights, which it keeps in memory only, kept here by epoch rather than
+        # read back from ModelCheckpoint's file, which a full disk or a kill may have left half written.
+        best = bool(self.early_stopping and self.early_stopping.best_epoch == epoch and self.early_stopping.best_weights)
+        if best:  # exactly what EarlyStopping holds (a model's weights file would also hold the optimizer)
+            np.savez(self.state_dir / f"best-{epoch}.npz", *self.early_stopping.best_weights)
         self.epochs.append({
             "logs": {key: float(value) for key, value in (logs or {}).items()},
             "callbacks": {type(callback).__name__: {name: _plain(getattr(callback, name)) for name in names}
                           for callback, names in self.kept},
             "random_states": [keras.ops.convert_to_numpy(variable).tolist() for variable in self._random_generators()],
         })
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         temporary = self._state_file.with_suffix(".tmp")
         temporary.write_text(json.dumps({"epochs": self.epochs}))
         os.replace(temporary, self._state_file)
+        if best:  # the state now names this epoch as the best: earlier best weights are not needed
+            for earlier in self.state_dir.glob("best-*.npz"):
+                if earlier.name != f"best-{epoch}.npz":
+                    earlier.unlink()
         super().on_epoch_end(epoch, logs)  # the weights and the optimizer, then the epoch number
 
     def on_train_end(self, logs=None):
