@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import pytest
 
 from vgg_transfer import cli
@@ -60,6 +61,7 @@ LEARNING_RATE = 1e-3  # the rate Adam starts from
 REDUCE_LR_PATIENCE = 1
 FEATURE_LAYER = "block4_pool"
 SEED = 42
+PRECISION = "auto"
 
 
 def main(setup):
@@ -79,9 +81,10 @@ def _script_globals(tmp_path, source=SCRIPT):
 def test_the_flags_rebind_the_constants_that_main_reads_by_name_for_one_run(tmp_path, capsys):
     script = _script_globals(tmp_path)
     argv = ["--epochs", "5", "--feature-layer", "block3_pool", "--subset", "40", "--out", str(tmp_path)]
-    assert cli.run(script["main"], script, argv=argv, pretrained=False) == 0
+    assert cli.run(script["main"], script, argv=[*argv, "--precision", "bfloat16"], pretrained=False) == 0
     assert "5 1 block3_pool 40" in capsys.readouterr().out.splitlines()
     assert (script["EPOCHS"], script["FEATURE_LAYER"]) == (30, "block4_pool")  # the file's values again afterwards
+    assert keras.config.dtype_policy().name == "float32"  # the run's precision was the run's alone
     assert cli.run(script["main"], script, argv=["--out", str(tmp_path)], pretrained=False) == 0
     assert "30 1 block4_pool None" in capsys.readouterr().out.splitlines()
 
@@ -127,9 +130,11 @@ def test_a_constant_with_a_fixed_set_of_values_is_checked_in_the_file_too(tmp_pa
 
 
 def _script(*args, out_dir):
+    """The main job started with `args` (a process, to `communicate` with)."""
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "transfer_learning.py"), *args,
-                           "--out", str(out_dir)], capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "src" / "transfer_learning.py"), *args,
+                             "--out", str(out_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environment)
 
 
 @pytest.mark.slow
@@ -153,11 +158,12 @@ def test_main_script_bad_input_exits_2_with_one_line_and_leaves_earlier_runs(tmp
          "is not a Keras VGG16 notop weights file"),
         ([], blocked_out / "sub", "cannot write to the output folder"),
     ]
-    for args, out_dir, message in cases:
-        result = _script(*args, out_dir=out_dir)
-        error_lines = [line for line in result.stderr.splitlines() if line.startswith("transfer_learning.py: error:")]
-        assert result.returncode == 2, (args, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr, args
-        assert len(error_lines) == 1 and message in error_lines[0], (args, result.stderr[-2000:])
+    started = [(args, message, _script(*args, out_dir=out_dir)) for args, out_dir, message in cases]  # side by side
+    for args, message, process in started:
+        _, errors = process.communicate(timeout=300)
+        error_lines = [line for line in errors.splitlines() if line.startswith("transfer_learning.py: error:")]
+        assert process.returncode == 2, (args, errors[-2000:])
+        assert "Traceback" not in errors, args
+        assert len(error_lines) == 1 and message in error_lines[0], (args, errors[-2000:])
     assert sorted(p.name for p in (tmp_path / "out" / "transfer_learning").iterdir()) == ["20250101-000000"]
     assert (earlier / "metrics.json").read_text() == "{}"

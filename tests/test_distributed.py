@@ -168,8 +168,13 @@ def _free_port():
         return probe.getsockname()[1]
 
 
+# Three epochs: enough to kill a worker after the second and resume in the third.
+WORKERS_EPOCHS = 3
+WORKERS_COMMAND = [*COMMAND, "--epochs", str(WORKERS_EPOCHS)]
+
+
 def _two_workers(shared_data, out_dir, port, interrupt_worker_1=None):
-    """The main job's COMMAND as two JAX worker processes on 127.0.0.1 (each its own process,
+    """The main job's WORKERS_COMMAND as two JAX worker processes on 127.0.0.1 (each its own process,
     as on two machines; the same --out, as the same command would give). Returns both
     finished processes: (returncode, stdout, stderr) each."""
     archive, weights = shared_data
@@ -184,7 +189,7 @@ def _two_workers(shared_data, out_dir, port, interrupt_worker_1=None):
             python += [str(INTERRUPTING), f"{when}:{number}", signal_name]
         workers.append(subprocess.Popen(
             [*python, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data", str(archive),
-             "--weights", str(weights), "--out", str(out_dir), *COMMAND],
+             "--weights", str(weights), "--out", str(out_dir), *WORKERS_COMMAND],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment))
     finished = []
     for worker in workers:
@@ -228,9 +233,10 @@ def test_two_worker_processes_train_as_one_stop_together_and_resume(shared_data,
     assert not partial and not worker_folder.exists()
     metrics = metrics_of(run_dir)
     assert metrics["environment"]["distribution"]["engine"].endswith("2 worker processes")
-    assert metrics["epochs_run"] == EPOCHS
+    assert metrics["epochs_run"] == WORKERS_EPOCHS
 
-    one_process = main_job(shared_data, tmp_path / "one-process", backend="jax", devices=2, extra=["--distribute"])
+    one_process = main_job(shared_data, tmp_path / "one-process", backend="jax", devices=2, command=WORKERS_COMMAND,
+                           extra=["--distribute"])
     assert one_process.returncode == 0, one_process.stderr[-3000:]
     (single_run,), _ = runs_in(tmp_path / "one-process")
     assert metrics["test_accuracy"] == metrics_of(single_run)["test_accuracy"]

@@ -262,8 +262,8 @@ def prepare(values, arguments, script_name, loads_weights):
 
 def run(main, script_globals, argv=None, pretrained=True):
     """Parses the flags, checks them, binds the script's constants to the values they give, runs
-    `main(setup)`, and turns bad input into one line. The constants are put back afterwards, so a
-    script run twice in one process (as the tests do) starts from its file's values each time.
+    `main(setup)`, and turns bad input into one line. The constants and Keras's dtype policy are put
+    back afterwards, so a script run twice in one process (as the tests do) starts afresh each time.
 
     Args:
         main: the script's `main(setup)`.
@@ -275,9 +275,11 @@ def run(main, script_globals, argv=None, pretrained=True):
     Returns:
         The process exit status: 0 on success, 2 on bad input, 1 on a full disk, 130 on Ctrl-C.
     """
+    import keras
+
     script_file = Path(script_globals["__file__"])
     prog = script_file.name
-    original = constants(script_globals)
+    original, policy = constants(script_globals), keras.config.dtype_policy()
     setup = None
     _one_line_warnings()
     try:
@@ -323,6 +325,7 @@ def run(main, script_globals, argv=None, pretrained=True):
         return distribute.exit_status(1)
     finally:
         script_globals.update(original)
+        keras.config.set_dtype_policy(policy)  # the precision, like the constants, is the run's alone
     return 0
 
 
