@@ -26,10 +26,11 @@ COMMAND = ["--subset", "1000", "--epochs", str(EPOCHS), "--early-stopping-patien
 
 
 def main_job(shared_data, out_dir, interrupt=None, full_disk=None, backend="tensorflow", devices=1, extra=(), data=None,
-             command=COMMAND, environment=None):
+             command=COMMAND, environment=None, started=False):
     """Runs the main job's `command`; `interrupt` ("WHEN:N:SIGNAL") stops it, `full_disk` (a file
     name pattern) fills the disk when a matching file is written, `devices` > 1 splits the CPU
-    into that many virtual devices; `environment` adds variables."""
+    into that many virtual devices; `environment` adds variables. Returns the finished process,
+    or with `started` the running one (`communicate` with it), so that two can run side by side."""
     archive, weights = shared_data
     archive = data or archive
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": backend, **(environment or {})}
@@ -44,14 +45,18 @@ def main_job(shared_data, out_dir, interrupt=None, full_disk=None, backend="tens
         environment["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     elif devices > 1:
         python += ["-c", TENSORFLOW_LOGICAL_DEVICES.format(devices=devices)]
-    return subprocess.run(
+    process = subprocess.Popen(
         [*python, str(PROJECT_ROOT / "src" / "transfer_learning.py"), "--data", str(archive),
          "--weights", str(weights), "--out", str(out_dir), *command, *extra],
-        capture_output=True, text=True, env=environment, timeout=600,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
         # A shell's background jobs start with Ctrl-C (SIGINT) ignored, and Python keeps it
         # ignored; give the child the default, as a terminal would.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    if started:
+        return process
+    output, errors = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, output, errors)
 
 
 # Runs the script named by the first argument after the CPU is split into logical devices,

@@ -364,13 +364,16 @@ def test_export_names_a_missing_converter_and_never_writes_into_the_run(pretrain
     hidden = ("import os, sys, runpy; sys.modules['tf2onnx'] = None; sys.argv = sys.argv[1:]; "
               "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
     export = str(PROJECT_ROOT / "src" / "export.py")
-    result = subprocess.run([sys.executable, "-c", hidden, export, str(pretrained_run), "--format", "onnx",
-                             "--out", str(tmp_path / "onnx")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "export.py: error: exporting to onnx needs tf2onnx" in result.stderr
-    inside = subprocess.run([sys.executable, export, str(pretrained_run), "--format", "tf_saved_model", "--out",
-                             str(pretrained_run / "exported")], capture_output=True, text=True, timeout=300)
-    assert inside.returncode == 2 and "is inside the run folder" in inside.stderr
+    missing, inside = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       for command in ([sys.executable, "-c", hidden, export, str(pretrained_run), "--format", "onnx",
+                                        "--out", str(tmp_path / "onnx")],
+                                       [sys.executable, export, str(pretrained_run), "--format", "tf_saved_model",
+                                        "--out", str(pretrained_run / "exported")]))  # side by side
+    errors = missing.communicate(timeout=300)[1]
+    assert missing.returncode == 2 and "Traceback" not in errors
+    assert "export.py: error: exporting to onnx needs tf2onnx" in errors
+    errors = inside.communicate(timeout=300)[1]
+    assert inside.returncode == 2 and "is inside the run folder" in errors
     assert not (pretrained_run / "exported").exists()
 
 
