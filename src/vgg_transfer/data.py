@@ -134,7 +134,7 @@ def locate(data_path):
     # Prefer the official archive, then folders, then other archives.
     for wanted in ("cifar-python-archive", "cifar-python-folder", "image-folders", "image-folders-archive"):
         for candidate in candidates:
-            if candidate.name.startswith(".") or candidate.name == "README.md":
+            if image_files.left_by_tools(candidate.name) or candidate.name == "README.md":
                 continue
             if _form_of(candidate) == wanted:
                 return candidate, wanted

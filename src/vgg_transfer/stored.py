@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import ml_dtypes  # NumPy's bfloat16 dtype, installed with Keras
 import numpy as np
 
 MEMORY_BUDGET_VARIABLE = "VGG_TRANSFER_MEMORY_BUDGET_MB"
@@ -57,13 +58,12 @@ def total_memory():
 
 
 def bfloat16_bits(values):
-    """float32 values rounded to the nearest bfloat16 (ties to even), as uint16 bit patterns."""
-    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    """Values rounded to the nearest bfloat16 (ties to even), as uint16 bit patterns."""
+    return np.ascontiguousarray(values).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def _from_bfloat16_bits(bits):
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def load(path):
