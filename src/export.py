@@ -1,6 +1,7 @@
 """Exports a run's model for serving, through Keras's `model.export`.
 
-The exported model takes raw RGB images, uint8 (batch, side, side, 3) with the side the run's
+The exported model computes in float32, whatever precision the run trained in (LiteRT's stock
+interpreter runs no bfloat16 or float16 arithmetic), and takes raw RGB images, uint8 (batch, side, side, 3) with the side the run's
 model takes, and returns class probabilities (batch, classes): VGG16's preprocessing and the
 resizing are inside it. Its folder also holds `class_names.json` (the probabilities' order)
 and `README.md` (how to call it). Nothing is written into the run folder.
@@ -64,6 +65,7 @@ def parse_arguments(argv=None):
 def main(arguments):
     run_dir = Path(arguments.run)
     model, class_names, side = saved_models.load_saved_classifier(run_dir)
+    model = saved_models.float32_twin(model)
     default = paths.out_dir() / "export" / f"{run_dir.name}-{arguments.format}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(arguments.out or default)
     if run_dir.is_dir() and folder.resolve().is_relative_to(run_dir.resolve()):

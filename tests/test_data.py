@@ -339,6 +339,64 @@ def test_a_stored_array_reads_what_numpy_holds(tmp_path):
         on_disk[:, :, ::-1]
 
 
+
+def test_bfloat16_arrays_read_back_as_the_float32_values_they_round_to_in_memory_and_on_disk(tmp_path):
+    """Features cached in bfloat16 (16 bits a value, `*.bfloat16.npy`) read back as float32 by
+    every reader: a whole file in memory (`stored.load`), rows read from disk (`StoredArray`, the
+    path of caches over the memory budget), chunks, and the batches `fit` gets."""
+    import ml_dtypes
+
+    from vgg_transfer import stored
+
+    values = np.random.default_rng(0).standard_normal((37, 3, 4)).astype(np.float32) * 100
+    rounded = values.astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert not np.array_equal(rounded, values)  # the rounding shows
+    path = tmp_path / f"features{stored.BFLOAT16_SUFFIX}"
+    writer = stored.StoredArrayWriter(path, values.shape, "bfloat16")
+    writer[0:30] = values[:30]
+    writer[30:37] = values[30:]
+    on_disk = writer.close()
+    assert path.stat().st_size < values.nbytes / 2 + 256  # 16 bits a value on disk
+    in_memory = stored.load(path)
+    assert isinstance(in_memory, stored.Bfloat16Array) and in_memory.nbytes == values.nbytes // 2
+    for array in (on_disk, in_memory):
+        assert array.shape == values.shape and array.dtype == np.float32
+        for key in (5, slice(3, 9), slice(None), np.array([7, 2, 2, 30])):
+            if isinstance(key, int) and array is in_memory:
+                continue
+            np.testing.assert_array_equal(array[key], rounded[key])
+        np.testing.assert_array_equal(np.concatenate([chunk for _, chunk in array.chunks(8)]), rounded)
+        batches = data.Batches(array, np.arange(37), batch_size=10, shuffle=True, seed=3)
+        rows = np.concatenate([batches[index][0] for index in range(len(batches))])
+        np.testing.assert_array_equal(np.sort(rows.reshape(37, -1), axis=0), np.sort(rounded.reshape(37, -1), axis=0))
+
+
+def test_batches_come_in_a_new_order_every_epoch_drawn_from_the_seed_and_the_epoch():
+    """Every epoch a new order of all the rows; the same (seed, epoch) the same order in any
+    Batches; `set_epoch(k)` the order that k epochs' ends lead to; without shuffle, in order."""
+    x, y = np.arange(100).reshape(100, 1), np.arange(100)
+
+    def epoch_order(batches):
+        return np.concatenate([batches[index][1] for index in range(len(batches))])
+
+    batches = data.Batches(x, y, batch_size=16, shuffle=True, seed=7)
+    orders = []
+    for _ in range(4):
+        orders.append(epoch_order(batches))
+        batches.on_epoch_end()
+    for order in orders:
+        assert sorted(order) == list(range(100)) and not np.array_equal(order, np.arange(100))
+    assert len({order.tobytes() for order in orders}) == 4  # no epoch repeats another's order
+    again = data.Batches(x, y, batch_size=16, shuffle=True, seed=7)
+    assert np.array_equal(epoch_order(again), orders[0])
+    again.set_epoch(2)
+    assert np.array_equal(epoch_order(again), orders[2])
+    other_seed = data.Batches(x, y, batch_size=16, shuffle=True, seed=8)
+    assert not np.array_equal(epoch_order(other_seed), orders[0])
+    in_order = data.Batches(x, y, batch_size=16)
+    in_order.on_epoch_end()
+    assert np.array_equal(epoch_order(in_order), np.arange(100))
+
 @pytest.mark.slow
 def test_data_larger_than_the_memory_budget_stays_on_disk_and_trains_the_same(tmp_path, monkeypatch, shared_data):
     """The main job on 48x48 images with a memory budget of 1 MB, which the images (2.1 MB) and

@@ -191,6 +191,46 @@ def test_a_tampered_cifar_pickle_is_refused_and_runs_nothing(tmp_path, batch):
     assert not marker.exists()
 
 
+def _pickle_calling(function, *arguments):
+    """A pickle whose loading calls `function(*arguments)`, as a tampered batch would."""
+    class Calls:
+        def __reduce__(self):
+            return function, arguments
+
+    return pickle.dumps({b"data": Calls(), b"labels": [0]}, protocol=2)
+
+
+def test_every_name_a_pickle_may_load_is_listed_and_every_other_refused(tmp_path):
+    """Attacks through Python's and NumPy's own helpers (NumPy's `runstring` executes a string,
+    `numpy.load` would unpickle a file of its own) are refused before anything runs, and what
+    loads is exactly what the unpickler lists: NumPy's array reconstructors, not all of NumPy."""
+    import builtins
+    import os
+
+    import numpy.testing._private.utils as numpy_test_utilities
+
+    marker = tmp_path / "code-ran"
+    attacks = {
+        "builtins.exec": _pickle_calling(builtins.exec, f"open({str(marker)!r}, 'w')"),
+        "builtins.eval": _pickle_calling(builtins.eval, f"open({str(marker)!r}, 'w')"),
+        "os.system": _pickle_calling(os.system, f"touch {marker}"),
+        "runstring": _pickle_calling(numpy_test_utilities.runstring, f"open({str(marker)!r}, 'w')", {}),
+        "numpy.load": _pickle_calling(np.load, str(marker), None, True),
+    }
+    for name, content in attacks.items():
+        with pytest.raises(InputError, match="is not a plain CIFAR-10 batch \\(it asks to load "):
+            image_files._unpickle(content, "data_batch_1", tmp_path)
+        assert not marker.exists(), name
+    listed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+              ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+              ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    assert set(image_files._ArraysOnlyUnpickler.ALLOWED) == listed
+    unpickler = image_files._ArraysOnlyUnpickler(io.BytesIO(b""))
+    for module, name in [("numpy", "load"), ("numpy", "frombuffer"), ("numpy.testing._private.utils", "runstring"),
+                         ("numpy.core.multiarray", "scalar"), ("numpy.lib.npyio", "load"), ("builtins", "getattr")]:
+        with pytest.raises(pickle.UnpicklingError, match=f"it asks to load {module}.{name}"):
+            unpickler.find_class(module, name)
+
 def test_the_real_batches_pickle_format_still_loads(tmp_path):
     """The real batches were pickled by Python 2 (protocol 2 or lower), naming NumPy's
     `numpy.core.multiarray._reconstruct`; the same pickle with that name loads."""

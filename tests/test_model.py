@@ -249,6 +249,36 @@ def test_the_feature_cache_is_rebuilt_when_any_one_of_its_ingredients_changes(tm
     assert len(list(tmp_path.glob("features-*.npy"))) == 6
 
 
+def test_a_cache_extracted_in_one_precision_is_never_read_in_another(tmp_path):
+    """The same weights and images in float16, then float32, then bfloat16: each precision
+    extracts its own features (float16 ones are cached as plain .npy files too, so only the key
+    tells them apart), and a float32 run reads float32 values, not float16 ones."""
+    from vgg_transfer import features
+
+    images = np.random.default_rng(0).standard_normal((8, 16)).astype("float32")
+
+    def extract(precision):
+        devices.set_precision(precision)
+        keras.utils.set_random_seed(0)  # the same weights in every precision
+        extractor = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32)])
+        cached, from_cache = features.cached_features(extractor, {"train": images}, 8, 0, cache_dir=tmp_path)
+        return cached["train"][:], from_cache, extractor
+
+    try:
+        half, from_cache, _ = extract("float16")
+        assert not from_cache
+        full, from_cache, extractor = extract("float32")
+        assert not from_cache and full.dtype == np.float32
+        np.testing.assert_allclose(full, extractor.predict(images, verbose=0), rtol=1e-6, atol=1e-6)
+        assert not np.array_equal(full, half.astype(np.float32))  # float16 rounding shows
+        _, from_cache, _ = extract("bfloat16")
+        assert not from_cache
+        again, from_cache, _ = extract("float32")
+        assert from_cache and np.array_equal(again, full)
+    finally:
+        devices.set_precision("float32")
+    assert len(list(tmp_path.glob("features-*"))) == 3
+
 def test_the_feature_sets_of_one_extraction_share_the_memory_budget(tmp_path, monkeypatch):
     """Two sets of 600 KB of features and a budget of 1 MB: the first stays in memory, the
     second on disk, read as the same values (the budget bounds them together, not each)."""

@@ -59,6 +59,39 @@ def load_saved_classifier(model_path):
     return model, class_names, side
 
 
+def float32_twin(model):
+    """The same model computing in float32 throughout: built from its configuration with every
+    mixed precision policy ("mixed_bfloat16", "mixed_float16") replaced by "float32", with its
+    weights (float32 under mixed precision too). Serving runtimes need it: LiteRT's stock
+    interpreter has no kernel for a bfloat16 or float16 addition (only the Flex delegate does),
+    and ONNX runtimes lack many. A float32 model is returned as it is."""
+    def float32_policies(config):
+        if isinstance(config, list):
+            return [float32_policies(item) for item in config]
+        if not isinstance(config, dict):
+            return config
+        return {key: "float32" if key == "dtype" and _is_mixed_policy(value) else float32_policies(value)
+                for key, value in config.items()}
+
+    config = keras.saving.serialize_keras_object(model)
+    if float32_policies(config) == config:
+        return model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")  # layers a subclassed model builds itself take the global policy
+    try:
+        twin = keras.saving.deserialize_keras_object(float32_policies(config), custom_objects=PORTABLE_OPTIMIZERS)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _is_mixed_policy(dtype):
+    """Whether a layer configuration's "dtype" (a policy's name or its serialized form) is mixed."""
+    name = dtype.get("config", {}).get("name", "") if isinstance(dtype, dict) else dtype
+    return isinstance(name, str) and name.startswith("mixed_")
+
+
 def images_to_show(files, model_path, side, num_classes, data_path=None, per_class=1):
     """The images a picture of a saved model shows, as (uint8 array (N, side, side, 3), captions):
     the image files given, else the first `per_class` test images of each class of the run's data
