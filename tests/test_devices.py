@@ -2,7 +2,6 @@
 GPUs of every compute capability, CPUs with and without bfloat16 units; and float16 training
 with loss scaling, on a toy model on this CPU."""
 
-import importlib
 
 import keras
 import numpy as np
@@ -92,15 +91,3 @@ def test_float16_trains_with_loss_scaling_and_keeps_float32_weights_and_outputs(
     finally:
         keras.config.set_dtype_policy("float32")
 
-
-@pytest.mark.parametrize("hardware, image_size", [("gpu", 128), ("cpu_amx", 64), ("cpu", 32)])
-def test_the_main_job_takes_each_kinds_image_size(monkeypatch, hardware, image_size):
-    import transfer_learning
-
-    monkeypatch.setenv(devices.HARDWARE_VARIABLE, hardware)
-    try:
-        script = importlib.reload(transfer_learning)
-        assert (script.HARDWARE, script.IMAGE_SIZE, script.PRECISION) == (hardware, image_size, "auto")
-    finally:
-        monkeypatch.undo()
-        importlib.reload(transfer_learning)
