@@ -131,6 +131,13 @@ def test_run_folder_holds_every_report(pretrained_run):
     assert set(metrics["seconds"]) >= {"data", "features", "training", "evaluation", "total"}
     assert metrics["hyperparameters"]["FEATURE_LAYER"] == "block4_pool" and metrics["seed"] == 42
     assert metrics["environment"]["backend"] == keras.config.backend()
+    import subprocess
+
+    from conftest import PROJECT_ROOT
+
+    head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the code that made the run: a clone's commit
+        assert metrics["environment"]["code"]["commit"] == head.stdout.strip()
     assert 0 < metrics["macro_f1"] <= 1 and metrics["data"]["train_images"] + metrics["data"]["validation_images"] == SUBSET
 
 

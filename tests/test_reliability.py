@@ -117,3 +117,24 @@ def test_a_full_disk_while_writing_the_decoded_data_is_named_in_one_line(tmp_pat
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and line.startswith("test_reliability.py: error: no space left on the device while writing "
                                            f"the cache {tmp_path / 'cache' / 'split-1'} (x_train.npy)")
+
+
+def test_a_run_names_the_commit_of_its_code_and_the_files_a_user_changed(tmp_path):
+    import shutil
+    import subprocess
+
+    assert runs.code_version(tmp_path) is None  # no clone (a downloaded archive): nothing to name
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "transfer_learning.py").write_text("HEAD_DROPOUT = 0.5\n")
+    (tmp_path / "README.md").write_text("read me\n")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "first"]):
+        subprocess.run([*git, *command], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert runs.code_version(tmp_path) == {"commit": commit, "modified": []}
+    (tmp_path / "src" / "transfer_learning.py").write_text("HEAD_DROPOUT = 0.3\n")  # a student's edit
+    (tmp_path / "src" / "mine.py").write_text("")
+    (tmp_path / "README.md").write_text("changed, not code\n")
+    assert runs.code_version(tmp_path) == {"commit": commit, "modified": ["src/mine.py", "src/transfer_learning.py"]}

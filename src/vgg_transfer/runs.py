@@ -21,7 +21,7 @@ from pathlib import Path
 
 import keras
 
-from vgg_transfer import devices
+from vgg_transfer import devices, paths
 from vgg_transfer.errors import InputError
 
 
@@ -157,7 +157,27 @@ def environment(distribution=None):
         "backend": keras.config.backend(),
         "device": devices.description(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "cpu_bfloat16_units": devices.cpu_bfloat16_units(),
         "distribution": distribution,
         "versions": versions,
+        "code": code_version(),
     }
+
+
+def code_version(root=paths.PROJECT_ROOT):
+    """The code a run ran, as airbench keeps its code with its results: {"commit": the git
+    commit, "modified": the files under src/ that differ from it (a student's edits)}, or None
+    outside a git clone (a downloaded archive) or without git."""
+    import subprocess
+
+    def git(*arguments):
+        return subprocess.run(["git", "-C", str(root), *arguments], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=all", "--", "src").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "modified": sorted(line[3:] for line in changed)}
 
