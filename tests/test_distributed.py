@@ -1,5 +1,5 @@
-"""The other backends (JAX, torch), mixed precision, data parallelism over devices and over
-worker processes: each against the TensorFlow float32 run on one device."""
+"""The other backends (JAX, torch), data parallelism over devices and over worker processes:
+each against the TensorFlow float32 run on one device."""
 
 import importlib.util
 import os
@@ -18,6 +18,7 @@ from conftest import PROJECT_ROOT
 from main_job import (COMMAND, EPOCHS, INTERRUPTING, NOISE, history_of, main_job, metrics_of, predictions_of,
                       runs_in)
 from vgg_transfer import data
+
 
 def _require_jax():
     if importlib.util.find_spec("jax") is None:
@@ -53,22 +54,6 @@ def test_the_torch_backend_gives_the_same_result_within_noise(shared_data, tmp_p
     metrics = metrics_of(run_dir)
     assert metrics["environment"]["backend"] == "torch" and metrics["epochs_run"] == EPOCHS
     assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=NOISE)
-
-
-@pytest.mark.slow
-def test_mixed_precision_computes_in_bfloat16_with_float32_outputs(shared_data, tmp_path, uninterrupted):
-    finished = main_job(shared_data, tmp_path / "out", extra=["--precision", "bfloat16"])
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "Precision: bfloat16 (chosen by PRECISION or --precision)" in finished.stdout
-    (run_dir,), _ = runs_in(tmp_path / "out")
-    metrics = metrics_of(run_dir)
-    assert metrics["precision"]["name"] == "bfloat16" and metrics["precision"]["dtype_policy"] == "mixed_bfloat16"
-    assert metrics["hyperparameters"]["PRECISION"] == "bfloat16" and metrics["epochs_run"] == EPOCHS
-    assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=NOISE)
-    model = keras.saving.load_model(run_dir / "model.keras")
-    compute_dtypes = {layer.dtype_policy.compute_dtype for layer in model.get_layer("head").layers}
-    assert "bfloat16" in compute_dtypes and model.output.dtype == "float32"
-    keras.config.set_dtype_policy("float32")  # loading a mixed-precision model leaves the policy alone; be sure
 
 
 @pytest.mark.slow

@@ -330,6 +330,11 @@ def _exported_predictions(run_dir, format_name, out_dir, images):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out_dir / "class_names.json").read_text())[0] == "airplane"
     assert "uint8" in (out_dir / "README.md").read_text()
+    return _served_predictions(format_name, out_dir, images)
+
+
+def _served_predictions(format_name, out_dir, images):
+    """What the model that export.py wrote to `out_dir` gives for `images`, in its own runtime."""
     if format_name == "tf_saved_model":
         import tensorflow as tf
 
