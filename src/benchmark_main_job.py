@@ -26,6 +26,20 @@ from vgg_transfer import paths, runs
 REPEATS = 1  # pairs of (first run, rerun); each pair starts from an empty cache
 
 
+def head_tflops(metrics):
+    """The head's achieved TFLOP/s in `fit`: 2 FLOP per multiply-add of its two Dense layers'
+    forward and weight-gradient products for every training image of every epoch, and of their
+    forward products for every validation image, over the seconds of the training phase (VGG16
+    cut at block4_pool, which leaves (IMAGE_SIZE/16)^2 x 512 features)."""
+    settings = metrics["hyperparameters"]
+    if settings.get("FEATURE_LAYER") != "block4_pool" or "HEAD_UNITS" not in settings:
+        return None
+    features = (settings["IMAGE_SIZE"] // 16) ** 2 * 512
+    multiply_adds = features * settings["HEAD_UNITS"] + settings["HEAD_UNITS"] * len(metrics["data"]["class_names"])
+    images = metrics["epochs_run"] * (2 * metrics["data"]["train_images"] + metrics["data"]["validation_images"])
+    return 2 * multiply_adds * images / metrics["seconds"]["training"] / 1e12
+
+
 def timed_run(arguments, environment):
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("transfer_learning.py")), *arguments],
@@ -50,17 +64,20 @@ def main():
                 seconds, metrics, run_dir = timed_run([*passed_on, "--out", options.out, "--quiet"], environment)
                 rows.append({"kind": kind, "repeat": repeat + 1, "wall_seconds": round(seconds, 1),
                              "test_accuracy": metrics["test_accuracy"], "phases": metrics["seconds"],
-                             "epochs_run": metrics["epochs_run"], "run_dir": run_dir})
+                             "epochs_run": metrics["epochs_run"], "head_tflops": head_tflops(metrics),
+                             "run_dir": run_dir})
                 print(f"{kind}: {seconds:.1f} s, test accuracy {metrics['test_accuracy']:.4f} ({run_dir})", flush=True)
     environment = runs.environment()
     print(f"\nMachine: {environment['machine']}; backend {environment['backend']} on {environment['device']}; "
           f"keras {environment['versions'].get('keras')}; command: transfer_learning.py {' '.join(passed_on)}\n")
-    print("| run | wall time (s) | data | features | training | evaluation | embedding picture | epochs | test accuracy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | wall time (s) | data | features | training | head's TFLOP/s | evaluation | embedding picture | epochs "
+          "| test accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         phases = row["phases"]
+        tflops = f"{row['head_tflops']:.3f}" if row["head_tflops"] else "-"
         print(f"| {row['kind']} #{row['repeat']} | {row['wall_seconds']} | {phases.get('data')} | {phases.get('features')} "
-              f"| {phases.get('training')} | {phases.get('evaluation')} | {phases.get('embedding')} | {row['epochs_run']} "
+              f"| {phases.get('training')} | {tflops} | {phases.get('evaluation')} | {phases.get('embedding')} | {row['epochs_run']} "
               f"| {row['test_accuracy']:.4f} |")
     report = Path(options.out) / "benchmarks" / f"main_job-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.parent.mkdir(parents=True, exist_ok=True)

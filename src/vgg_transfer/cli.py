@@ -30,7 +30,7 @@ import types
 import warnings
 from pathlib import Path
 
-from vgg_transfer import distribute, paths
+from vgg_transfer import distribute, image_files, paths
 from vgg_transfer.errors import InputError, first_line
 
 # The accepted values of the scripts' numeric constants, by name: (check, the range in words).
@@ -159,8 +159,7 @@ def parse(description, script_constants, argv=None, prog=None, comments=None):
     parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = parser.add_argument_group("common to every script")
     common.add_argument("--data", metavar="PATH", default=None,
-                        help="cifar-10-python.tar.gz, a cifar-10-batches-py/ folder, or an image-folder tree "
-                             "ROOT/{train,test}/<class>/ (folder or .tar.gz); default: look in in/, then download")
+                        help=f"{image_files.ACCEPTED_FORMS}; default: look in in/, then download CIFAR-10")
     common.add_argument("--weights", default="imagenet",
                         help="'imagenet' (in/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 if present, "
                              "else Keras's download), 'none', or a weights file path (default: imagenet)")
