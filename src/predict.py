@@ -46,7 +46,7 @@ def files_to_classify(paths):
     readable = set(Image.registered_extensions())
     for path in map(Path, paths):
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in readable)
+            yield from (file for file in image_files.files_in(path) if file.suffix.lower() in readable)
         else:
             yield path  # named explicitly: an unreadable one is reported, not skipped
 

@@ -145,9 +145,11 @@ def test_unreadable_and_non_image_files_are_skipped_with_a_count(tmp_path):
     root = write_image_tree(tmp_path / "tree", per_class=3)
     (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (root / "train" / "dog" / "notes.txt").write_text("not an image")
-    with pytest.warns(UserWarning, match="Skipped 2 files"):
+    with pytest.warns(UserWarning, match="Skipped 2 files") as warned:
         dataset = data.load_dataset(root, cache_dir=tmp_path / "cache", verbose=False)
     assert len(dataset.y_train) + len(dataset.y_val) == 9
+    note = str(next(item.message for item in warned if "Skipped" in str(item.message)))
+    assert "train/dog/notes.txt: not an image, or in a format Pillow cannot read" in note and "BytesIO" not in note
 
 
 def test_decoded_images_are_cached(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from PIL import Image
 
 import explore_data
 from test_data import CLASSES, write_cifar_python, write_image_tree
-from vgg_transfer import cli, data, image_files
+from vgg_transfer import cifar_batches, cli, data, image_files
 from vgg_transfer.errors import InputError
 
 
@@ -219,13 +219,13 @@ def test_every_name_a_pickle_may_load_is_listed_and_every_other_refused(tmp_path
     }
     for name, content in attacks.items():
         with pytest.raises(InputError, match="is not a plain CIFAR-10 batch \\(it asks to load "):
-            image_files._unpickle(content, "data_batch_1", tmp_path)
+            cifar_batches.unpickle(content, "data_batch_1", tmp_path)
         assert not marker.exists(), name
     listed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-    assert set(image_files._ArraysOnlyUnpickler.ALLOWED) == listed
-    unpickler = image_files._ArraysOnlyUnpickler(io.BytesIO(b""))
+    assert set(cifar_batches.ArraysOnlyUnpickler.ALLOWED) == listed
+    unpickler = cifar_batches.ArraysOnlyUnpickler(io.BytesIO(b""))
     for module, name in [("numpy", "load"), ("numpy", "frombuffer"), ("numpy.testing._private.utils", "runstring"),
                          ("numpy.core.multiarray", "scalar"), ("numpy.lib.npyio", "load"), ("builtins", "getattr")]:
         with pytest.raises(pickle.UnpicklingError, match=f"it asks to load {module}.{name}"):
@@ -240,7 +240,7 @@ def test_the_real_batches_pickle_format_still_loads(tmp_path):
         content = pickle.dumps({b"data": images, b"labels": labels}, protocol=protocol)
         content = content.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
         assert b"numpy.core.multiarray\n_reconstruct" in content
-        batch = image_files._unpickle(content, "data_batch_1", tmp_path)
+        batch = cifar_batches.unpickle(content, "data_batch_1", tmp_path)
         np.testing.assert_array_equal(batch[b"data"], images)
         assert batch[b"labels"] == labels
 

@@ -23,6 +23,9 @@ def test_an_unknown_learning_rate_schedule_is_named():
     "argv, message",
     [
         (["--batch-size", "0"], "--batch-size 0 is out of range"),
+        (["--batch-size", "1"], "--batch-size 1 is out of range; it must be at least 2 \\(BatchNormalization needs two images"),
+        (["--seed", "99999999999"], "--seed 99999999999 is out of range; it must be between 0 and 4294967295"),
+        (["--seed", "-1"], "--seed -1 is out of range"),
         (["--learning-rate", "-1e-3"], "--learning-rate -0.001 is out of range"),
         (["--image-size", "31"], "--image-size 31 is out of range"),
     ],

@@ -3,7 +3,8 @@
 
 - `cli`: flags from a script's constants, the common flags, the checks before any work, one-line errors.
 - `data`: find the data, decode it once (cached), split it, and feed it to `fit` (`Batches`).
-- `image_files`: read images from folders and archives (any format Pillow reads), CIFAR-10's batches.
+- `image_files`: read images from folders and archives (any format Pillow reads).
+- `cifar_batches`: CIFAR-10's python-format batches, read safely, or Keras's download.
 - `stored`: arrays kept on disk when they do not fit in memory.
 - `devices`: the kind of machine (its recipe) and the precision it computes fastest in.
 - `models`: VGG16's weights and preprocessing (built-in layers), the mirror, the augmentation.
@@ -57,8 +58,21 @@ def _native_stderr_hidden():
 # Also quietens TensorFlow's C++ logging after it loads (on a CPU-only machine it logs a CUDA
 # "error" that is none, "failed call to cuInit"); read once, as TensorFlow loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-with _native_stderr_hidden():
-    import keras  # noqa: E402,F401  (loads the backend)
+# Keras raises a traceback for a backend it does not know or cannot import; these get one line.
+KERAS_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
+_backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+_program = os.path.basename(sys.argv[0]) or "python"
+if _backend not in KERAS_BACKENDS:
+    print(f"{_program}: error: KERAS_BACKEND={_backend} is not a Keras backend; set it to one of "
+          f"{', '.join(KERAS_BACKENDS[:3])}, or unset it for tensorflow", file=sys.stderr)
+    raise SystemExit(2)
+try:
+    with _native_stderr_hidden():
+        import keras  # noqa: E402,F401  (loads the backend)
+except ImportError as error:
+    print(f"{_program}: error: Keras cannot load its backend {_backend} ({error}); pip install {_backend}, or "
+          f"set KERAS_BACKEND to an installed one", file=sys.stderr)
+    raise SystemExit(2) from None
 # TensorFlow's Python-side warnings (tf.function retracing when several models predict in turn)
 # say nothing a user can act on.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from vgg_transfer import distribute, image_files, paths, stored
+from vgg_transfer import cifar_batches, distribute, image_files, paths, stored
 from vgg_transfer.errors import InputError, first_line
 
 # Bumped whenever the decoding changes, so that old caches are not reused.
@@ -104,7 +104,7 @@ def load_dataset(data_path=None, validation_split=0.1, test_split=0.2, seed=0, s
     source_path, form = locate(data_path)
     cache_dir = Path(cache_dir or paths.cache_dir())
     if source_path is None:
-        decoded, source, key = _download_cifar10(), "CIFAR-10 (keras.datasets download)", "download"
+        decoded, source, key = cifar_batches.download(), "CIFAR-10 (keras.datasets download)", "download"
     else:
         source, key = f"{source_path} ({form})", _source_key(source_path)
         decoded = _decode_cached(source_path, form, cache_dir)
@@ -122,6 +122,9 @@ def load_dataset(data_path=None, validation_split=0.1, test_split=0.2, seed=0, s
 def locate(data_path):
     """Returns (path, form) of the data to use, or (None, None) to download."""
     if data_path is not None:
+        if not str(data_path).strip():  # Path("") is the working folder, which is no data set
+            raise InputError(f"--data is empty; pass {image_files.ACCEPTED_FORMS}, or leave --data out to look in "
+                             f"in/ and then download CIFAR-10")
         path = Path(data_path).expanduser()
         if not path.exists():
             raise InputError(f"--data {data_path}: no such file or folder; pass {image_files.ACCEPTED_FORMS}")
@@ -159,7 +162,7 @@ def _form_of(path):
             raise InputError(f"cannot read the archive {path} ({first_line(error)}); download it again") from None
         return "cifar-python-archive" if any(name.endswith("data_batch_1") for name in names) else "image-folders-archive"
     if path.name.lower().endswith(image_files.ARCHIVE_SUFFIXES):
-        return "cifar-python-archive" if "python" in path.name else "image-folders-archive"
+        return "cifar-python-archive" if cifar_batches.is_python_archive(path) else "image-folders-archive"
     return None
 
 
@@ -171,18 +174,6 @@ def _holds_class_folders(path, depth=2):
     if {"train", "test"} <= names or len(folders) >= 2:
         return True
     return len(folders) == 1 and depth > 0 and _holds_class_folders(folders[0], depth - 1)
-
-
-def _download_cifar10():
-    try:
-        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
-    except Exception as error:  # Keras raises plain Exceptions for network failures.
-        raise InputError(
-            f"no data found in {paths.in_dir()} and the CIFAR-10 download failed "
-            f"({first_line(error)}); put {image_files.ACCEPTED_FORMS} into in/, or pass --data PATH"
-        ) from None
-    return image_files.Decoded(x_train=x_train, y_train=y_train.reshape(-1).astype(np.int64), x_test=x_test,
-                               y_test=y_test.reshape(-1).astype(np.int64), class_names=image_files.CIFAR10_CLASS_NAMES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def _decode_cached(path, form, cache_dir):
         if form in ("image-folders", "image-folders-archive"):
             decoded = image_files.decode_image_folders(path, temporary)
         else:
-            decoded = image_files.decode_cifar_python(path)
+            decoded = cifar_batches.decode(path)
         for field in dataclasses.fields(decoded):
             array = getattr(decoded, field.name)
             if isinstance(array, np.ndarray):
@@ -237,7 +228,7 @@ def _read_decoded(folder):
 def _source_key(path):
     """A digest of the source's identity: resolved path, and size and mtime of every file."""
     digest = hashlib.sha1(f"v{CACHE_FORMAT_VERSION}:{path.resolve()}".encode())
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else image_files.files_in(path)
     for file in files:
         stat = file.stat()
         digest.update(f"{file.relative_to(path) if file != path else ''}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -307,8 +298,20 @@ def _split(decoded, source, validation_split, test_split, seed, subset, folder):
     x_test, y_test = rows(x_test, test_rows, "x_test"), y_test[test_rows]
     if isinstance(x_train_rows, stored.StoredArray):
         complete.touch()
+    _warn_of_unsplit_classes(decoded.class_names, y_train, y_val, y_test)
     return Dataset(x_train_rows, y_train, x_val, y_val, x_test, y_test, tuple(decoded.class_names), source,
                    validation_source, test_source)
+
+
+def _warn_of_unsplit_classes(class_names, y_train, y_val, y_test):
+    """One warning naming every class that has no validation or no test image (a class of one
+    image cannot be split: it is trained on, but neither validated nor tested)."""
+    counts = [np.bincount(labels, minlength=len(class_names)) for labels in (y_train, y_val, y_test)]
+    lacking = [f"{name} ({train} training, {val} validation, {test} test)"
+               for name, train, val, test in zip(class_names, *counts) if train and not (val and test)]
+    if lacking:
+        warnings.warn(f"Too few images to hold some out for validation and test in class {'; '.join(lacking)}: "
+                      f"it is trained on but not fully validated or tested; add images to it")
 
 
 def stratified_split(labels, fraction, rng):

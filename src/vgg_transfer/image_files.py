@@ -9,17 +9,16 @@ shows it (`as_shown`, `to_rgb`), and resized into one square size for storage; t
 resize to IMAGE_SIZE themselves.
 """
 
-import codecs
 import dataclasses
 import io
 import os
-import pickle
 import tarfile
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vgg_transfer import stored
 from vgg_transfer.errors import InputError, first_line
@@ -63,6 +62,22 @@ def left_by_tools(name):
     return any(part.startswith(".") or part.lower() in TOOL_FILE_NAMES for part in name.split("/"))
 
 
+def files_in(folder):
+    """Every file under `folder`, at any depth, following symlinked folders as a file browser
+    does (Python 3.11's `Path.rglob` does not), each real folder once, so a link to a folder
+    above it ends instead of looping; in a stable order."""
+    found, visited = [], set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in visited:
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders.sort()
+        found += [Path(top) / name for name in sorted(files) if os.path.isfile(os.path.join(top, name))]
+    return found
+
+
 class Members:
     """Uniform read access to the files of a folder, a tar archive or a zip archive (read in
     place, nothing extracted), by relative path with "/" separators; hidden and tool-made files
@@ -72,7 +87,7 @@ class Members:
         self.path = path
         self._tar = self._zip = None
         if path.is_dir():
-            found = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+            found = {file.relative_to(path).as_posix(): file for file in files_in(path)}
         else:
             try:
                 if zipfile.is_zipfile(path):
@@ -120,69 +135,6 @@ class Members:
             ) from None
 
 
-def decode_cifar_python(path):
-    """Reads the pickled batches of the official python-format CIFAR-10."""
-    members = Members(path)
-    by_basename = {}
-    for name in members.names():
-        by_basename.setdefault(name.rsplit("/", 1)[-1], name)
-    train_names = [by_basename.get(f"data_batch_{index}") for index in range(1, 6)]
-    if None in train_names or "test_batch" not in by_basename:
-        raise InputError(
-            f"{path} does not hold the CIFAR-10 python batches data_batch_1..5 and test_batch; "
-            f"pass {ACCEPTED_FORMS}"
-        )
-
-    def read_batch(name):
-        try:
-            batch = _unpickle(members.read(name), name, path)
-            images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            return images, np.asarray(batch[b"labels"], dtype=np.int64)
-        except InputError:
-            raise
-        except Exception as error:
-            raise InputError(f"cannot read the CIFAR-10 batch {name} in {path} ({first_line(error)}); download it again") from None
-
-    train = [read_batch(name) for name in train_names]
-    x_test, y_test = read_batch(by_basename["test_batch"])
-    class_names = CIFAR10_CLASS_NAMES
-    if "batches.meta" in by_basename:
-        meta = _unpickle(members.read(by_basename["batches.meta"]), by_basename["batches.meta"], path)
-        class_names = tuple(name.decode() for name in meta[b"label_names"])
-    return Decoded(x_train=np.concatenate([images for images, _ in train]),
-                   y_train=np.concatenate([labels for _, labels in train]),
-                   x_test=np.ascontiguousarray(x_test), y_test=y_test, class_names=class_names)
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10's batches hold (dicts, lists, bytes, strings, numbers and
-    NumPy arrays): a pickle may name any function to call, so a tampered batch could run code."""
-
-    ALLOWED = {
-        # (module, name) as NumPy 1 and 2 and Python 3's protocol 2 write them -> what they may load
-        **{(module, "_reconstruct"): np.zeros(1).__reduce__()[0]
-           for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
-        **{(module, "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0]
-           for module in ("numpy.core.numeric", "numpy._core.numeric")},
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,  # bytes pickled by Python 3 in protocol 2
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it asks to load {module}.{name}")
-        return self.ALLOWED[(module, name)]
-
-
-def _unpickle(content, name, path):
-    try:
-        return _ArraysOnlyUnpickler(io.BytesIO(content), encoding="bytes").load()
-    except pickle.UnpicklingError as error:
-        raise InputError(f"{name} in {path} is not a plain CIFAR-10 batch ({error}); it was not loaded, as it could "
-                         f"run code: download cifar-10-python.tar.gz again from its source") from None
-
-
 def split_members(members, path):
     """The image files as {split: [(name, class name), ...]}: "train", "test" and maybe
     "validation" for ROOT/{train,test}/<class>/*, or "all" for ROOT/<class>/** (any depth under
@@ -191,21 +143,33 @@ def split_members(members, path):
     splits, flat = {}, {}
     for name in members.names():
         parts = name.split("/")
-        if len(parts) >= 3 and parts[-3] in SPLIT_FOLDER_NAMES:
-            splits.setdefault(tuple(parts[:-3]), {}).setdefault(parts[-3], []).append((name, parts[-2]))
+        # ROOT/<split>/<class>/**: any depth under the class folder, as for class folders alone
+        split_at = next((index for index, part in enumerate(parts[:-2]) if part in SPLIT_FOLDER_NAMES), None)
+        if split_at is not None:
+            splits.setdefault(tuple(parts[:split_at]), {}).setdefault(parts[split_at], []).append(
+                (name, parts[split_at + 1]))
         for depth in range(len(parts) - 1):
             flat.setdefault(tuple(parts[:depth]), {}).setdefault(parts[depth], []).append(name)
     roots = [root for root, found in splits.items() if "train" in found and "test" in found]
     if roots:
-        return splits[min(roots, key=len)]
-    flat_roots = [root for root, classes in flat.items() if len(classes) >= 2]
-    if not flat_roots:
-        raise InputError(f"{path} holds no class folders of images; pass {ACCEPTED_FORMS}")
-    classes = flat[min(flat_roots, key=len)]
-    if set(classes) <= set(SPLIT_FOLDER_NAMES):
-        raise InputError(f"{path} has {'/, '.join(sorted(classes))}/ but not both train/ and test/; add "
-                         f"test/<class>/ folders, or pass one folder of class folders for the project to split")
-    return {"all": [(name, class_name) for class_name, names in classes.items() for name in names]}
+        root = min(roots, key=len)
+        chosen = splits[root]
+    else:
+        flat_roots = [root for root, classes in flat.items() if len(classes) >= 2]
+        if not flat_roots:
+            raise InputError(f"{path} holds no class folders of images; pass {ACCEPTED_FORMS}")
+        root = min(flat_roots, key=len)
+        classes = flat[root]
+        if set(classes) <= set(SPLIT_FOLDER_NAMES):
+            raise InputError(f"{path} has {'/, '.join(sorted(classes))}/ but not both train/ and test/; add "
+                             f"test/<class>/ folders, or pass one folder of class folders for the project to split")
+        chosen = {"all": [(name, class_name) for class_name, names in classes.items() for name in names]}
+    used = {name for files in chosen.values() for name, _ in files}
+    left_out = [name for name in members.names() if tuple(name.split("/")[:len(root)]) == root and name not in used]
+    if left_out:
+        warnings.warn(f"Left out {len(left_out)} file{'s' if len(left_out) > 1 else ''} of {path} that are in no class folder "
+                      f"(e.g. {', '.join(left_out[:3])}); put them into <class>/ folders to use them")
+    return chosen
 
 
 def decode_image_folders(path, folder):
@@ -287,7 +251,7 @@ def header_size(members, name, skipped):
     except InputError:
         raise
     except Exception as error:
-        skipped.append(f"{name}: {first_line(error)}")
+        skipped.append(f"{name}: {why_unreadable(error)}")
         return None
 
 
@@ -302,10 +266,18 @@ def _read_into(members, name, x, row, side, skipped):
     except InputError:
         raise
     except Exception as error:
-        skipped.append(f"{name}: {first_line(error)}")
+        skipped.append(f"{name}: {why_unreadable(error)}")
         return False
     x[row] = square  # outside the `try`: a full disk is not an unreadable image
     return True
+
+
+def why_unreadable(error):
+    """What is wrong with a file Pillow could not read, in words: Pillow's own message for a file
+    of no image format names an in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image, or in a format Pillow cannot read"
+    return first_line(error)
 
 
 ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held, i.e. how to turn the stored pixels
@@ -365,7 +337,7 @@ def read_image_file(path, side):
     except InputError:
         raise
     except Exception as error:
-        raise InputError(f"{path}: not a readable image ({first_line(error)})") from None
+        raise InputError(f"{path}: not a readable image ({why_unreadable(error)})") from None
 
 
 def _to_square(image, side):

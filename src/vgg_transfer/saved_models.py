@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from vgg_transfer.errors import InputError
+from vgg_transfer.errors import InputError, first_line
 
 # On the torch backend Keras saves its optimizers under torch-only class paths, which other
 # backends cannot import; a model's nested parts keep the optimizer they were compiled with.
@@ -50,10 +50,18 @@ def load_saved_classifier(model_path):
     except Exception as error:
         raise InputError(f"--model {model_file} is not a Keras model this project saved ({error})") from None
     try:
-        side = model.input_shape[1]
+        input_shape = tuple(model.input_shape)
     except AttributeError:  # a subclassed model has no symbolic input: the shape it was built for
-        side = model.get_build_config()["input_shape"][1]
-    num_classes = model(np.zeros((1, side, side, 3), np.uint8), training=False).shape[-1]
+        input_shape = tuple((model.get_build_config() or {}).get("input_shape") or ())
+    if len(input_shape) != 4 or input_shape[1] != input_shape[2] or input_shape[3] != 3:
+        raise InputError(f"--model {model_file} takes inputs of shape {input_shape[1:]}, not square RGB images "
+                         f"(side, side, 3); pass a model that a training script of this project saved")
+    side = input_shape[1]
+    try:
+        num_classes = model(np.zeros((1, side, side, 3), np.uint8), training=False).shape[-1]
+    except Exception as error:
+        raise InputError(f"--model {model_file} does not classify uint8 images ({first_line(error)}); pass a model "
+                         f"that a training script of this project saved") from None
     names = saved_run_metrics(model_file).get("data", {}).get("class_names", [])
     class_names = names if len(names) == num_classes else [f"class {index}" for index in range(num_classes)]
     return model, class_names, side
