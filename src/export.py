@@ -11,11 +11,12 @@ and `README.md` (how to call it). Nothing is written into the run folder.
     python src/export.py RUN_DIR --format litert
 
 Formats: `tf_saved_model` (needs TensorFlow), `onnx` (needs tf2onnx on the TensorFlow backend,
-onnxscript on torch), `litert` (needs TensorFlow). A converter that is not installed gets
-one line naming the package to install.
+jax2onnx on JAX, onnxscript on torch), `litert` (needs TensorFlow, and the TensorFlow or torch
+backend). A converter that is not installed gets one line naming the package to install.
 """
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -24,12 +25,9 @@ from pathlib import Path
 from vgg_transfer import cli, paths, runs, saved_models
 from vgg_transfer.errors import InputError
 
-# The class of subclassed_model.keras, which the subclassed script defines and registers:
-import transfer_learning_subclassed  # noqa: F401
-
 FORMATS = {  # format: (file or folder name, packages its converter needs)
     "tf_saved_model": ("saved_model", "tensorflow"),
-    "onnx": ("model.onnx", "tf2onnx (TensorFlow backend) or onnxscript (torch backend)"),
+    "onnx": ("model.onnx", "tf2onnx (TensorFlow backend), jax2onnx (JAX) or onnxscript (torch)"),
     "litert": ("model.tflite", "tensorflow"),
 }
 HOW_TO_CALL = {
@@ -64,7 +62,7 @@ def parse_arguments(argv=None):
 
 def main(arguments):
     run_dir = Path(arguments.run)
-    model, class_names, side = saved_models.load_saved_classifier(run_dir)
+    model, class_names, side = saved_models.load_saved_classifier(run_dir, import_script=importlib.import_module)
     model = saved_models.float32_twin(model)
     default = paths.out_dir() / "export" / f"{run_dir.name}-{arguments.format}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(arguments.out or default)
@@ -83,6 +81,11 @@ def main(arguments):
     except ImportError as error:
         raise InputError(f"exporting to {arguments.format} needs {packages}, which is not installed "
                          f"({error}); pip install it and run again") from None
+    except ValueError as error:  # Keras exports LiteRT on TensorFlow and torch only
+        if "backend" not in str(error):
+            raise
+        raise InputError(f"exporting to {arguments.format} needs the TensorFlow or torch backend; run it with "
+                         f"KERAS_BACKEND=tensorflow") from None
     (folder / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
     (folder / "README.md").write_text(
         f"# {run_dir.name} as {arguments.format}\n\nExported from `{run_dir}` with `python src/export.py`. Input: "

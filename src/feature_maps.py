@@ -13,6 +13,7 @@ chosen channels' maps (layer name -> (images, height, width, channels)).
 """
 
 import argparse
+import importlib
 import re
 import sys
 import time
@@ -25,9 +26,6 @@ from vgg_transfer.errors import InputError
 import keras
 import numpy as np
 from matplotlib.figure import Figure
-
-# The class of subclassed_model.keras, which the subclassed script defines and registers:
-import transfer_learning_subclassed  # noqa: F401
 
 CHANNELS = 8  # the strongest channels shown per layer
 
@@ -94,7 +92,7 @@ def plot(path, image, caption, maps_by_layer, title):
 
 def main(arguments):
     runs.check_writable(arguments.out)
-    model, class_names, side = saved_models.load_saved_classifier(arguments.model)
+    model, class_names, side = saved_models.load_saved_classifier(arguments.model, import_script=importlib.import_module)
     layers = chosen_layers(model, arguments.layers)
     images, captions = saved_models.images_to_show(arguments.images, arguments.model, side, len(class_names),
                                              arguments.data)

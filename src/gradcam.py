@@ -13,6 +13,7 @@ Writes out/gradcam/<timestamp>/gradcam.png (and heatmaps.npz with the raw maps).
 """
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from vgg_transfer import cli, gradcam, paths, runs, saved_models
-
-# The class of subclassed_model.keras, which the subclassed script defines and registers:
-import transfer_learning_subclassed  # noqa: F401
 
 IMAGES_PER_CLASS = 2
 
@@ -64,7 +62,7 @@ def plot(path, images, maps, probabilities, class_names, captions, title, layer_
 
 def main(arguments):
     runs.check_writable(arguments.out)
-    model, class_names, side = saved_models.load_saved_classifier(arguments.model)
+    model, class_names, side = saved_models.load_saved_classifier(arguments.model, import_script=importlib.import_module)
     layer = gradcam.find_layer(model, arguments.layer) if arguments.layer else gradcam.default_layer(model)
     images, captions = saved_models.images_to_show(arguments.images, arguments.model, side, len(class_names),
                                              arguments.data, arguments.images_per_class)

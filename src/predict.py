@@ -13,6 +13,7 @@ exit status is then 1.
 """
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -21,9 +22,6 @@ from PIL import Image
 
 from vgg_transfer import cli, image_files, saved_models
 from vgg_transfer.errors import InputError
-
-# The class of subclassed_model.keras, which the subclassed script defines and registers:
-import transfer_learning_subclassed  # noqa: F401
 
 TOP = 3
 
@@ -54,7 +52,7 @@ def files_to_classify(paths):
 def main(arguments):
     import numpy as np
 
-    model, class_names, side = saved_models.load_saved_classifier(arguments.model)
+    model, class_names, side = saved_models.load_saved_classifier(arguments.model, import_script=importlib.import_module)
     paths, images, failures = [], [], 0
     for path in files_to_classify(arguments.paths):
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import PROJECT_ROOT
 from main_job import (COMMAND, EPOCHS, INTERRUPTING, NOISE, history_of, main_job, metrics_of, predictions_of,
@@ -27,20 +28,74 @@ def _require_jax():
         pytest.skip("jax is not installed (pip install 'jax[cpu]')")
 
 
-@pytest.mark.slow
-def test_the_jax_backend_gives_the_same_result_within_noise(shared_data, tmp_path, uninterrupted):
+@pytest.fixture(scope="module")
+def jax_run(shared_data, tmp_path_factory):
+    """The main job's test command on the JAX backend: its run folder."""
     _require_jax()
-    out_dir = tmp_path / "out"
+    out_dir = tmp_path_factory.mktemp("jax")
     finished = main_job(shared_data, out_dir, backend="jax")
     assert finished.returncode == 0, finished.stderr
     (run_dir,), _ = runs_in(out_dir)
-    metrics = metrics_of(run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_the_jax_backend_gives_the_same_result_within_noise(jax_run, uninterrupted):
+    metrics = metrics_of(jax_run)
     # The head trains on JAX; the whole model's check on 256 test images runs VGG16 on JAX
     # against the features cached by the TensorFlow runs above: the same function, to float32's rounding.
     check = metrics["checks"]["cached_features"]
     assert check["test_images_checked"] == 200 and check["largest_difference"] <= 1e-5, check
     assert metrics["environment"]["backend"] == "jax" and metrics["epochs_run"] == EPOCHS
     assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=NOISE)
+
+
+@pytest.mark.slow
+def test_predict_gradcam_and_export_run_on_jax(jax_run, shared_data, tmp_path):
+    """The tools on the JAX backend, with the model trained there: predict.py gives what the run
+    predicted, Grad-CAM draws its picture, a SavedModel export serves the same probabilities, and
+    LiteRT (which Keras exports on TensorFlow and torch only) is refused in one line."""
+    import csv
+    import json
+
+    import tensorflow as tf
+
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "CUDA_VISIBLE_DEVICES": ""}
+    test_images = data.load_dataset(shared_data[0], seed=42, subset=1000, verbose=False).x_test[:6]  # the run's
+    for index, image in enumerate(test_images):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    commands = {
+        "predict": ("predict.py", *[str(tmp_path / f"{index}.png") for index in range(6)], "--model", str(jax_run), "--json"),
+        "gradcam": ("gradcam.py", "--model", str(jax_run), "--images-per-class", "1", "--data", str(shared_data[0]),
+                    "--out", str(tmp_path / "gradcam")),
+        "saved_model": ("export.py", str(jax_run), "--format", "tf_saved_model", "--out", str(tmp_path / "saved")),
+        "litert": ("export.py", str(jax_run), "--format", "litert", "--out", str(tmp_path / "litert")),
+    }
+    finished = {}
+    for pair in (("predict", "gradcam"), ("saved_model", "litert")):  # two at a time, on two cores
+        started = {name: subprocess.Popen([sys.executable, str(PROJECT_ROOT / "src" / commands[name][0]),
+                                           *commands[name][1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=environment) for name in pair}
+        for name, process in started.items():
+            output, errors = process.communicate(timeout=600)
+            finished[name] = (process.returncode, output, errors)
+    with open(jax_run / "predictions.csv") as file:
+        expected = list(csv.DictReader(file))[:6]
+    status, output, errors = finished["predict"]
+    assert status == 0, errors[-2000:]
+    predicted = [entry["top"][0] for entry in json.loads(output)["predictions"]]
+    assert [entry["class"] for entry in predicted] == [row["predicted_class"] for row in expected]
+    assert finished["gradcam"][0] == 0, finished["gradcam"][2][-2000:]
+    (picture,) = (tmp_path / "gradcam").rglob("gradcam.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert finished["saved_model"][0] == 0, finished["saved_model"][2][-2000:]
+    served = tf.saved_model.load(str(tmp_path / "saved" / "saved_model")).signatures["serving_default"]
+    probabilities = next(iter(served(tf.constant(test_images)).values())).numpy()
+    np.testing.assert_allclose(probabilities.max(axis=1), [float(row["confidence"]) for row in expected], atol=1e-4)
+    status, _, errors = finished["litert"]
+    assert status == 2 and "Traceback" not in errors
+    assert errors.strip().endswith("exporting to litert needs the TensorFlow or torch backend; run it with "
+                                   "KERAS_BACKEND=tensorflow")
 
 
 @pytest.mark.slow

@@ -97,3 +97,21 @@ def test_a_misspelt_or_missing_backend_is_named_in_one_line(backend, message):
     assert finished.returncode == 2 and not finished.stdout
     (line,) = finished.stderr.strip().splitlines()
     assert line.startswith("transfer_learning.py: error: ") and message in line
+
+
+def test_the_tools_import_no_training_script_for_help_or_for_a_model_that_needs_none(tmp_path):
+    """predict.py --help, and predict.py with a model whose classes are Keras's own, never import
+    transfer_learning_subclassed.py (which would probe the devices before the tool's arguments
+    are parsed); a subclassed model file names its script, and only then is it imported."""
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    model.save(tmp_path / "plain.keras")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    check = ("import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, {src!r})\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('imported' if 'transfer_learning_subclassed' in sys.modules else 'not imported')")
+    for arguments in (["--help"], [str(tmp_path / "a.png"), "--model", str(tmp_path / "plain.keras")]):
+        finished = subprocess.run([sys.executable, "-c", check.format(src=str(PROJECT_ROOT / "src")),
+                                   str(PROJECT_ROOT / "src" / "predict.py"), *arguments],
+                                  capture_output=True, text=True, timeout=300)
+        assert finished.stdout.strip().endswith("not imported"), (arguments, finished.stdout, finished.stderr[-2000:])
+    assert saved_models.registered_packages(tmp_path / "plain.keras") == set()

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from conftest import PROJECT_ROOT
-from vgg_transfer import data, image_files
+from vgg_transfer import data, devices, image_files
 
 pytestmark = pytest.mark.slow
 README = (PROJECT_ROOT / "README.md").read_text()
@@ -57,7 +57,7 @@ def test_the_readmes_commands_are_found():
     commands = readme_commands()
     assert commands[0] == "python src/transfer_learning.py"
     assert {"python src/export.py RUN_DIR --format litert", "python src/transfer_learning.py --help",
-            "KERAS_BACKEND=jax python src/transfer_learning.py"} <= set(commands)
+            "KERAS_BACKEND=jax python src/fine_tune.py"} <= set(commands)
     assert readme_commands("a `python src/x.py\n--model RUN_DIR` b\n```bash\npython src/y.py a|b  # c\n```") == [
         "python src/y.py a", "python src/y.py b", "python src/x.py --model RUN_DIR"]
 
@@ -100,7 +100,7 @@ def download_server(shared_data, tmp_path_factory):
     server.server_close()
 
 
-def _run(command, server, workspace, run_dir=None, photo=None, downloads=False):
+def _run(command, server, workspace, run_dir=None, photo=None, downloads=False, terminal=False):
     """Runs one README command as written, with placeholders filled and the test's flags appended."""
     base_url, served, _ = server
     words = shlex.split(command.replace("RUN_DIR", str(run_dir)).replace("my_photo.jpg", str(photo)))
@@ -117,16 +117,41 @@ def _run(command, server, workspace, run_dir=None, photo=None, downloads=False):
         shared = ["--data", environment.get("VGG_TRANSFER_SHARED_DATA_ARCHIVE", ""), "--weights",
                   environment.get("VGG_TRANSFER_SHARED_WEIGHTS", "")]
         if script in TRAINING:
-            arguments += [*([] if downloads else shared), "--subset", "300", "--epochs", "3", "--out", str(out)]
+            subset = "2000" if terminal else "300"  # a terminal's run: several steps an epoch, for the estimate
+            arguments += [*([] if downloads else shared), "--subset", subset, "--epochs", "3", "--out", str(out)]
         else:
             flags = {"--data": shared[1], "--out": str(out)}
             if script == "export.py":
                 flags["--out"] = str(workspace / "exported" / arguments[-1])
             for flag in TOOL_FLAGS[script]:
                 arguments += [flag, flags[flag]]
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "local_downloads.py"), base_url, str(served),
-                           str(PROJECT_ROOT / "src" / script), *arguments], capture_output=True, text=True,
-                          env=environment, cwd=workspace, timeout=900)
+    command = [sys.executable, str(PROJECT_ROOT / "tests" / "local_downloads.py"), base_url, str(served),
+               str(PROJECT_ROOT / "src" / script), *arguments]
+    if terminal:
+        return _in_a_terminal(command, environment, workspace)
+    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=workspace, timeout=900)
+
+
+def _in_a_terminal(command, environment, workspace):
+    """Runs `command` with a pseudo-terminal as its stdin, stdout and stderr, as a user's shell
+    does (Keras then redraws its progress bars in place); what it wrote comes back as stdout."""
+    import pty
+
+    terminal, child_side = pty.openpty()
+    process = subprocess.Popen(command, stdin=child_side, stdout=child_side, stderr=child_side, env=environment,
+                               cwd=workspace)
+    os.close(child_side)
+    written = bytearray()
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(terminal)
+    return subprocess.CompletedProcess(command, process.wait(timeout=900), written.decode(errors="replace"), "")
 
 
 def test_every_readme_command_runs_as_written_the_first_with_keras_downloads(shared_data, download_server, tmp_path,
@@ -136,12 +161,22 @@ def test_every_readme_command_runs_as_written_the_first_with_keras_downloads(sha
     monkeypatch.setenv("VGG_TRANSFER_SHARED_WEIGHTS", str(weights))
     monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path / "in"))  # nothing local: the default path downloads
     first, *others = readme_commands()
-    finished = _run(first, download_server, tmp_path, downloads=True)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    finished = _run(first, download_server, tmp_path, downloads=True, terminal=True)
+    assert finished.returncode == 0, finished.stdout[-3000:]
     assert "Data: CIFAR-10 (keras.datasets download)" in finished.stdout
+    # In the terminal: the extraction announced, each set's progress bar labelled, and the
+    # training estimate on a line of its own, never inside a progress bar.
+    lines = [line.split("\r")[-1] for line in re.split(r"\r?\n", finished.stdout)]
+    precision, _ = devices.choose_precision("auto")  # what the run's PRECISION = "auto" takes here
+    assert any(re.fullmatch(r"Extracting features \(2, 2, 512\) of train \(1,800 images\), val \(200 images\), "
+                            rf"test \(400 images\), test_mirrored \(400 images\) at 32 px, in {precision}:", line)
+               for line in lines), finished.stdout[:3000]
+    assert {line.strip() for line in lines if line.startswith("  ")} >= {"train", "val", "test", "test_mirrored"}
+    estimates = [line for line in re.split(r"\r?\n", finished.stdout) if "Training: about" in line]
+    assert len(estimates) == 1 and estimates[0].startswith("Training: about"), estimates
     run_dir = next(line.split(": ", 1)[1] for line in finished.stdout.splitlines() if line.startswith("Run folder: "))
     metrics = json.loads((PROJECT_ROOT / run_dir / "metrics.json").read_text())
-    assert metrics["weights"] == "ImageNet (Keras download)" and metrics["test_accuracy"] > 0.3
+    assert metrics["weights"] == "ImageNet (Keras download)" and metrics["test_accuracy"] > 0.4
     assert sorted(download_server[2]) == ["/cifar-10-python.tar.gz", f"/{weights.name}"]  # each fetched once
     assert (tmp_path / "keras" / "models" / weights.name).is_file()
     photo = tmp_path / "my_photo.jpg"

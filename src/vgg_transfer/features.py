@@ -50,15 +50,24 @@ def cached_features(feature_extractor, image_sets, batch_size=256, verbose=1, ca
     started, features, extracted = time.perf_counter(), {}, []
     storage = storage_dtype(feature_extractor)
     suffix = stored.BFLOAT16_SUFFIX if storage == "bfloat16" else ".npy"
+    cache_files = {name: cache_dir / f"features-{extractor_key}-{_array_key(images)}{suffix}"
+                   for name, images in image_sets.items()}
     for name, images in image_sets.items():
-        cache_file = cache_dir / f"features-{extractor_key}-{_array_key(images)}{suffix}"
-        features[name] = _read(cache_file, (len(images), *feature_shape), budget)
+        features[name] = _read(cache_files[name], (len(images), *feature_shape), budget)
         if not distribute.every_worker(features[name] is not None):  # worker processes extract together
             features[name] = None
-        if features[name] is None:
-            features[name] = _extract(feature_extractor, images, feature_shape, batch_size, verbose, cache_file,
-                                      storage, budget)
-            extracted.append(name)
+    missing = [name for name in image_sets if features[name] is None]
+    if missing and verbose:
+        sets = ", ".join(f"{name} ({len(image_sets[name]):,} images)" for name in missing)
+        side = _image_side(feature_extractor)
+        print(f"Extracting features {feature_shape} of {sets}{f' at {side} px' if side else ''}, in "
+              f"{keras.config.dtype_policy().compute_dtype}:")
+    for name in missing:
+        if verbose:
+            print(f"  {name}", flush=True)  # labels the progress bar below it
+        features[name] = _extract(feature_extractor, image_sets[name], feature_shape, batch_size, verbose,
+                                  cache_files[name], storage, budget)
+        extracted.append(name)
     how = f"extracted ({', '.join(extracted)}) and cached" if extracted else "read from the cache"
     print(f"Features {feature_shape}: {how} in {time.perf_counter() - started:.1f} s")
     return features, not extracted
@@ -120,6 +129,19 @@ def _read(cache_file, shape, budget):
     except Exception as error:  # Truncated or corrupt: rebuild rather than trust it.
         warnings.warn(f"Ignoring unreadable feature cache {cache_file} ({error}); extracting again.")
     return None
+
+
+def _image_side(feature_extractor):
+    """The side of the images VGG16 sees: that of the preprocessing's "resize" layer, else of the
+    extractor's input when it takes images (3 channels), else None (it takes activations)."""
+    layers = list(feature_extractor.layers)
+    while layers:
+        layer = layers.pop()
+        if layer.name == "resize":
+            return layer.height
+        layers += getattr(layer, "layers", [])
+    shape = feature_extractor.inputs[0].shape
+    return shape[1] if len(shape) == 4 and shape[-1] == 3 else None
 
 
 def _extractor_key(feature_extractor):

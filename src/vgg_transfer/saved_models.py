@@ -3,10 +3,14 @@
 Every run folder holds its whole model as `model.keras` (raw uint8 images in, class
 probabilities out), which plain `keras.saving.load_model` loads anywhere; its metrics.json
 names the classes. The subclassed model's `subclassed_model.keras` needs its class, which
-transfer_learning_subclassed.py defines: the tools import that script, which registers it.
+transfer_learning_subclassed.py defines and registers: a tool passes `importlib.import_module`,
+and it is called with that script's name only when a model file names a class registered under
+it, so a tool that loads another model imports no training script (nor probes the devices).
 """
 
 import json
+import re
+import zipfile
 from pathlib import Path
 
 import keras
@@ -31,12 +35,14 @@ def saved_run_metrics(model_path):
     return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
 
 
-def load_saved_classifier(model_path):
+def load_saved_classifier(model_path, import_script=None):
     """(model, class names, image side) from a run folder (its model.keras and metrics.json)
     or a .keras file; images given to the model must be (side, side, 3) uint8.
 
-    Loads what plain Keras loads, also saved on another backend (see PORTABLE_OPTIMIZERS),
-    and the subclassed model of transfer_learning_subclassed.py once that script is imported.
+    Loads what plain Keras loads, also saved on another backend (see PORTABLE_OPTIMIZERS), and
+    models of classes that a script registers (`keras.saving.register_keras_serializable(package=
+    the script's name)`): `import_script(name)` is called first for each such package the file
+    names (the tools pass `importlib.import_module`).
 
     Raises:
         InputError: no model there, or a file that is not a model this project saved.
@@ -46,6 +52,9 @@ def load_saved_classifier(model_path):
     if not model_file.is_file():
         raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
     try:
+        for package in registered_packages(model_file) - {"vgg_transfer"}:
+            if import_script is not None:
+                import_script(package)
         model = keras.saving.load_model(model_file, compile=False, custom_objects=PORTABLE_OPTIMIZERS)
     except Exception as error:
         raise InputError(f"--model {model_file} is not a Keras model this project saved ({error})") from None
@@ -65,6 +74,17 @@ def load_saved_classifier(model_path):
     names = saved_run_metrics(model_file).get("data", {}).get("class_names", [])
     class_names = names if len(names) == num_classes else [f"class {index}" for index in range(num_classes)]
     return model, class_names, side
+
+
+def registered_packages(model_file):
+    """The packages under which the classes a .keras file names were registered, e.g.
+    {"transfer_learning_subclassed"}; empty for a file that is not a .keras archive."""
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            config = archive.read("config.json").decode()
+    except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError):
+        return set()  # Keras's own load names what is wrong with it
+    return set(re.findall(r'"registered_name": "(\w+)>', config))
 
 
 def float32_twin(model):

@@ -9,6 +9,7 @@ command after Ctrl-C, a SIGKILL or a power cut continues the run as if nothing h
 import json
 import math
 import os
+import sys
 import time
 
 import keras
@@ -72,8 +73,10 @@ class WallTimeEstimate(keras.callbacks.Callback):
         seconds = seconds_per_epoch * epochs
         estimate = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
         longer = "; --subset N (fewer images) or fewer epochs make it shorter" if seconds > self.LONG else ""
-        print(f"{self.label}: about {estimate} for {epochs} epochs on this {devices.description()} ({detail}){longer}",
-              flush=True)
+        # Keras's progress bar redraws its line in a terminal: the estimate starts a line of its own.
+        own_line = "\n" if self.params.get("verbose") == 1 and sys.stdout.isatty() else ""
+        print(f"{own_line}{self.label}: about {estimate} for {epochs} epochs on this {devices.description()} "
+              f"({detail}){longer}", flush=True)
         self.printed = True
 
 
