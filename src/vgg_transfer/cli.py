@@ -18,7 +18,6 @@ import builtins
 import dataclasses
 import difflib
 import dis
-import errno
 import importlib.util
 import io
 import math
@@ -31,7 +30,7 @@ import warnings
 from pathlib import Path
 
 from vgg_transfer import distribute, image_files, paths
-from vgg_transfer.errors import InputError, first_line
+from vgg_transfer.errors import FULL_DISK_ERRORS, InputError, first_line
 
 # The accepted values of the scripts' numeric constants, by name: (check, the range in words).
 ACCEPTED = {
@@ -328,9 +327,6 @@ def run(main, script_globals, argv=None, pretrained=True):
         script_globals.update(original)
         keras.config.set_dtype_policy(policy)  # the precision, like the constants, is the run's alone
     return 0
-
-
-FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # no space left; disk quota exceeded
 
 
 def _full_disk(error, setup):

@@ -1,11 +1,10 @@
 """CIFAR-10 (or any image-folder data set) as uint8 arrays, split into train, validation and test.
 
 The data comes from `--data PATH` or from `in/` in one of `image_files.ACCEPTED_FORMS` (read
-by `image_files`), else from `keras.datasets.cifar10.load_data()`'s download. Class folders
-alone are split here: a seeded, stratified TEST_SPLIT of each class becomes the test set, the
-same in every run. Decoded arrays are cached (`.npy` files, keyed by the source's paths, sizes
-and modification times), so a second run starts in about a second instead of decoding 60,000
-files again.
+by `image_files` and `cifar_batches`), else from Keras's CIFAR-10 download. Class folders alone
+are split here: a seeded, stratified TEST_SPLIT of each class is the test set, the same in every
+run. Decoded arrays are cached (`.npy` files, keyed by the source's paths, sizes and modification
+times), so a second run starts in a second instead of decoding 60,000 files again.
 """
 
 import dataclasses
@@ -22,7 +21,7 @@ import keras
 import numpy as np
 
 from vgg_transfer import cifar_batches, distribute, image_files, paths, stored
-from vgg_transfer.errors import InputError, first_line
+from vgg_transfer.errors import FULL_DISK_ERRORS, InputError, first_line
 
 # Bumped whenever the decoding changes, so that old caches are not reused.
 CACHE_FORMAT_VERSION = 4
@@ -207,6 +206,8 @@ def _decode_cached(path, form, cache_dir):
         os.replace(temporary, folder)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        if error.errno in FULL_DISK_ERRORS and (decoded is None or isinstance(decoded.x_train, stored.StoredArray)):
+            raise  # one line from cli, as for any full disk (status 1)
         if decoded is None or isinstance(decoded.x_train, stored.StoredArray):
             raise InputError(f"cannot write the decoded images to {cache_dir} ({error}); free some disk space "
                              f"or set VGG_TRANSFER_CACHE_DIR to a folder with room") from None
@@ -304,8 +305,7 @@ def _split(decoded, source, validation_split, test_split, seed, subset, folder):
 
 
 def _warn_of_unsplit_classes(class_names, y_train, y_val, y_test):
-    """One warning naming every class that has no validation or no test image (a class of one
-    image cannot be split: it is trained on, but neither validated nor tested)."""
+    """One warning naming every class without a validation or a test image (one image cannot be split)."""
     counts = [np.bincount(labels, minlength=len(class_names)) for labels in (y_train, y_val, y_test)]
     lacking = [f"{name} ({train} training, {val} validation, {test} test)"
                for name, train, val, test in zip(class_names, *counts) if train and not (val and test)]

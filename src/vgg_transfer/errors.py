@@ -1,4 +1,9 @@
-"""The one exception type for problems a user can fix (bad data, weights, flags, paths)."""
+"""The one exception type for problems a user can fix (bad data, weights, flags, paths), and
+the errors that mean a full disk."""
+
+import errno
+
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # no space left; disk quota exceeded
 
 
 class InputError(ValueError):
