@@ -17,9 +17,8 @@ from main_job import NOISE, metrics_of, history_of
 from vgg_transfer import cli, devices, saved_models, training
 
 pytestmark = pytest.mark.slow
-# The main job's test command (main_job.COMMAND) without its precision, in 64-image batches,
-# so that float16's loss scale is updated over 90 steps.
-COMMAND = ["--subset", "1000", "--epochs", "6", "--early-stopping-patience", "10", "--batch-size", "64", "--quiet"]
+# A small main job in 64-image batches, so that float16's loss scale is updated over 36 steps.
+COMMAND = ["--subset", "600", "--epochs", "4", "--early-stopping-patience", "10", "--batch-size", "64", "--quiet"]
 FINE_TUNE_COMMAND = ["--subset", "300", "--epochs", "2", "--fine-tune-epochs", "2", "--quiet"]
 
 
@@ -83,7 +82,7 @@ def test_mixed_precision_computes_in_half_precision_with_float32_weights_outputs
     run_dir, record = precision_runs[precision]
     metrics = metrics_of(run_dir)
     assert metrics["precision"]["name"] == precision and metrics["precision"]["dtype_policy"] == policy
-    assert metrics["hyperparameters"]["PRECISION"] == precision and metrics["epochs_run"] == 6
+    assert metrics["hyperparameters"]["PRECISION"] == precision and metrics["epochs_run"] == 4
     other = metrics_of(precision_runs["float16" if precision == "bfloat16" else "bfloat16"][0])
     assert metrics["test_accuracy"] > 0.3 and metrics["test_accuracy"] == pytest.approx(other["test_accuracy"], abs=NOISE)
     model = keras.saving.load_model(run_dir / "model.keras")
@@ -132,12 +131,12 @@ def test_exports_of_half_precision_models_run_and_agree_with_predict(precision_r
 
 
 def test_float16_training_resumes_exactly_with_its_loss_scale(precision_runs, shared_data, tmp_path, monkeypatch):
-    """The main job in float16, stopped by Ctrl-C after its third epoch and run again: the same
+    """The main job in float16, stopped by Ctrl-C after its second epoch and run again: the same
     history, test figures and final optimizer state (Adam's moments, the loss scale and the
     counter of steps since it last changed) as the uninterrupted run."""
     reference, reference_state = precision_runs["float16"]
     command = [*COMMAND, "--precision", "float16"]
-    status, run_dir, _ = _run(transfer_learning, shared_data, tmp_path, monkeypatch, *command, interrupt_after=3)
+    status, run_dir, _ = _run(transfer_learning, shared_data, tmp_path, monkeypatch, *command, interrupt_after=2)
     assert status == 130 and run_dir is None
     status, run_dir, state = _run(transfer_learning, shared_data, tmp_path, monkeypatch, *command)
     assert status == 0

@@ -7,10 +7,10 @@ constants block, chosen by one visible line:
     HARDWARE = devices.hardware()  # "gpu", "cpu_amx" (a CPU with AMX) or "cpu"
     IMAGE_SIZE = {"gpu": 128, "cpu_amx": 64, "cpu": 32}[HARDWARE]
 
-The CPU recipes differ by AMX, not by bfloat16 alone: AMX's matrix units run VGG16's
-convolutions about 6 times as fast in bfloat16 as in float32, where AVX512-BF16's vector
-instructions run them about twice as fast (docs/results.md), which does not make the larger
-images of the AMX recipe affordable.
+The CPU recipes differ by AMX, not by bfloat16 alone: AMX's matrix units run VGG16's inference
+4.9 to 6 times as fast in bfloat16 as in float32, where AVX512-BF16's vector instructions run
+it 1.5 to 1.8 times as fast (docs/results.md), which does not make the larger images of the
+AMX recipe affordable.
 
 The precision (`PRECISION = "auto"`) is chosen from the device itself (`choose_precision`):
 bfloat16 where the device has units for it, float16 with loss scaling on NVIDIA GPUs whose
