@@ -319,54 +319,6 @@ def test_feature_maps_and_gradcam_of_the_flip_model_come_from_each_images_own_pa
     np.testing.assert_allclose(probabilities, averaged.numpy(), atol=1e-5)
 
 
-def _exported_predictions(run_dir, format_name, out_dir, images):
-    import subprocess
-    import sys
-
-    from conftest import PROJECT_ROOT
-
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "src" / "export.py"), str(run_dir), "--format",
-                             format_name, "--out", str(out_dir)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out_dir / "class_names.json").read_text())[0] == "airplane"
-    assert "uint8" in (out_dir / "README.md").read_text()
-    return _served_predictions(format_name, out_dir, images)
-
-
-def _served_predictions(format_name, out_dir, images):
-    """What the model that export.py wrote to `out_dir` gives for `images`, in its own runtime."""
-    if format_name == "tf_saved_model":
-        import tensorflow as tf
-
-        served = tf.saved_model.load(str(out_dir / "saved_model")).signatures["serving_default"]
-        return next(iter(served(tf.constant(images)).values())).numpy()
-    if format_name == "litert":  # through the LiteRT interpreter, as on a phone
-        import tensorflow as tf
-
-        runner = tf.lite.Interpreter(str(out_dir / "model.tflite")).get_signature_runner()
-        (input_name,) = runner.get_input_details()
-        return next(iter(runner(**{input_name: images}).values()))
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"))
-    return session.run(None, {session.get_inputs()[0].name: images})[0]
-
-
-@pytest.mark.parametrize("format_name", ["tf_saved_model", "onnx", "litert"])
-def test_an_exported_model_serves_what_the_run_predicted(pretrained_run, test_set, tmp_path, format_name):
-    import importlib.util
-
-    if format_name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
-        pytest.fail("onnxruntime is not installed; pip install -r requirements-dev.txt")
-    before = sorted(path.name for path in pretrained_run.iterdir())
-    probabilities = _exported_predictions(pretrained_run, format_name, tmp_path / "exported", test_set.x_test[:64])
-    with open(pretrained_run / "predictions.csv") as file:
-        rows = list(csv.DictReader(file))[:64]
-    assert [test_set.class_names[i] for i in probabilities.argmax(axis=1)] == [row["predicted_class"] for row in rows]
-    np.testing.assert_allclose(probabilities.max(axis=1), [float(row["confidence"]) for row in rows], atol=1e-4)
-    assert sorted(path.name for path in pretrained_run.iterdir()) == before  # the run folder is left as it was
-
-
 def test_export_names_a_missing_converter_and_never_writes_into_the_run(pretrained_run, tmp_path):
     import subprocess
     import sys

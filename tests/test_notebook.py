@@ -56,7 +56,7 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_kernel(shared_data, tmp_path
     archive, weights = shared_data
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
-    overrides = {"DATA": str(archive), "WEIGHTS": str(weights), "SUBSET": 1000, "EPOCHS": 2, "FINE_TUNE_EPOCHS": 1,
+    overrides = {"DATA": str(archive), "WEIGHTS": str(weights), "SUBSET": 1000, "EPOCHS": 1, "FINE_TUNE_EPOCHS": 1,
                  "BATCH_SIZE": 64, "OUT": str(tmp_path / "out")}
     injected = "\n".join(f"{name} = {value!r}" for name, value in overrides.items())
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))

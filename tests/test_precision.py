@@ -104,14 +104,31 @@ def test_auto_takes_the_precision_the_device_computes_fastest_and_the_saved_mode
     keras.config.set_dtype_policy("float32")
 
 
+def _served_predictions(format_name, out_dir, images):
+    """What the model that export.py wrote to `out_dir` gives for `images`, in its own runtime."""
+    if format_name == "tf_saved_model":
+        import tensorflow as tf
+
+        served = tf.saved_model.load(str(out_dir / "saved_model")).signatures["serving_default"]
+        return next(iter(served(tf.constant(images)).values())).numpy()
+    if format_name == "litert":  # through the LiteRT interpreter, as on a phone
+        import tensorflow as tf
+
+        runner = tf.lite.Interpreter(str(out_dir / "model.tflite")).get_signature_runner()
+        (input_name,) = runner.get_input_details()
+        return next(iter(runner(**{input_name: images}).values()))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"))
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
 @pytest.mark.parametrize("format_name", ["litert", "tf_saved_model", "onnx"])
 def test_exports_of_half_precision_models_run_and_agree_with_predict(precision_runs, shared_data, format_name, tmp_path):
     """Each export of a bfloat16 and a float16 model runs in its stock runtime (LiteRT's
     interpreter has no half-precision kernels: the export computes in float32) and gives what
     predict.py's model gives: every probability within 2e-2, so the same top class wherever
     the two best are more than 4e-2 apart."""
-    from test_end_to_end import _served_predictions
-
     for precision in ("bfloat16", "float16"):
         run_dir, _ = precision_runs[precision]
         assert cli.run_tool(export.main, export.parse_arguments,

@@ -1,7 +1,7 @@
 """Every `python src/...` command of the README runs as written: read from its code blocks and
 inline code, placeholders filled (RUN_DIR: the folder the main job's run named; my_photo.jpg:
 a test image; a|b|c: each choice once), on a tiny subset (only --data, --weights, --subset,
---epochs and --out appended, where the script takes them). The first, `python src/transfer_learning.py`,
+--epochs, --fine-tune-epochs and --out appended, where the script takes them). The first, `python src/transfer_learning.py`,
 takes the README's default data path: no --data and no --weights, so Keras downloads CIFAR-10
 and the weights, here from a local HTTP server (tests/local_downloads.py).
 
@@ -105,6 +105,8 @@ def _run(command, server, workspace, run_dir=None, photo=None, downloads=False, 
     base_url, served, _ = server
     words = shlex.split(command.replace("RUN_DIR", str(run_dir)).replace("my_photo.jpg", str(photo)))
     environment = {**os.environ, "KERAS_HOME": str(workspace / "keras"), "CUDA_VISIBLE_DEVICES": ""}
+    if downloads:  # an empty cache, as on a first run: every feature set is extracted and shown
+        environment["VGG_TRANSFER_CACHE_DIR"] = str(workspace / "first-run-cache")
     environment.pop("TF_CPP_MIN_LOG_LEVEL", None)
     while "=" in words[0]:
         name, value = words.pop(0).split("=", 1)
@@ -117,8 +119,10 @@ def _run(command, server, workspace, run_dir=None, photo=None, downloads=False, 
         shared = ["--data", environment.get("VGG_TRANSFER_SHARED_DATA_ARCHIVE", ""), "--weights",
                   environment.get("VGG_TRANSFER_SHARED_WEIGHTS", "")]
         if script in TRAINING:
-            subset = "2000" if terminal else "300"  # a terminal's run: several steps an epoch, for the estimate
-            arguments += [*([] if downloads else shared), "--subset", subset, "--epochs", "3", "--out", str(out)]
+            subset = "2000" if terminal else "200"  # a terminal's run: several steps an epoch, for the estimate
+            arguments += [*([] if downloads else shared), "--subset", subset, "--epochs", "2", "--out", str(out)]
+            if script == "fine_tune.py":
+                arguments += ["--fine-tune-epochs", "1"]  # its second phase's epochs: as short as the first's
         else:
             flags = {"--data": shared[1], "--out": str(out)}
             if script == "export.py":

@@ -3,7 +3,8 @@ depends on HARDWARE, read from the scripts themselves with each kind forced, equ
 in docs/design.md ("Recipes and precision per machine"), and no other constant differs."""
 
 import ast
-import importlib.util
+import builtins
+import types
 
 from conftest import PROJECT_ROOT
 from vgg_transfer import cli, devices
@@ -12,14 +13,17 @@ SCRIPTS = ["transfer_learning.py", "transfer_learning_subclassed.py", "transfer_
            "fine_tune.py", "baselines.py"]
 
 
-def script_constants(script, hardware, monkeypatch):
-    """The UPPERCASE constants of src/`script` as its top level sets them with HARDWARE forced."""
-    monkeypatch.setenv(devices.HARDWARE_VARIABLE, hardware)
-    path = PROJECT_ROOT / "src" / script
-    spec = importlib.util.spec_from_file_location(f"recipe_of_{path.stem}_{hardware}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines constants and functions; main runs only as __main__
-    return cli.constants(vars(module))
+def script_constants(script, hardware):
+    """The UPPERCASE constants of src/`script` as its top level sets them with HARDWARE forced:
+    each constant's line evaluated in order, `devices.hardware()` giving `hardware`. The script is
+    not imported (it would register its Keras classes again, under another module's name)."""
+    forced = types.SimpleNamespace(hardware=lambda: hardware)
+    namespace = {"devices": forced, "__builtins__": builtins}
+    for node in ast.parse((PROJECT_ROOT / "src" / script).read_text()).body:
+        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets):
+            value = eval(compile(ast.Expression(node.value), script, "eval"), namespace)
+            namespace.update({target.id: value for target in node.targets})
+    return cli.constants(namespace)
 
 
 def documented_recipes():
@@ -33,10 +37,10 @@ def documented_recipes():
     return recipes
 
 
-def test_every_constant_that_differs_per_kind_of_machine_is_the_documented_one(monkeypatch):
+def test_every_constant_that_differs_per_kind_of_machine_is_the_documented_one():
     found = {}
     for script in SCRIPTS:
-        per_kind = {hardware: script_constants(script, hardware, monkeypatch) for hardware in devices.HARDWARE_CLASSES}
+        per_kind = {hardware: script_constants(script, hardware) for hardware in devices.HARDWARE_CLASSES}
         for name in per_kind["cpu"]:
             values = {hardware: per_kind[hardware][name] for hardware in devices.HARDWARE_CLASSES}
             if name != "HARDWARE" and len(set(map(repr, values.values()))) > 1:

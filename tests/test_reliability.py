@@ -83,7 +83,7 @@ def test_a_feature_cache_that_cannot_be_written_is_skipped_with_one_warning(tmp_
     with pytest.warns(UserWarning, match="Could not write the feature cache .*No space left on device.*kept in "
                                          "memory and the next run extracts them again"):
         computed, from_cache = features.cached_features(extractor, {"train": images}, 16, 0, tmp_path)
-    np.testing.assert_allclose(computed["train"], extractor.predict(images, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(computed["train"], extractor.predict(images, verbose=0), rtol=1e-5, atol=1e-6)  # other batches
     assert not from_cache and not list(tmp_path.iterdir())
 
 

@@ -24,12 +24,13 @@ CIFAR_BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch
 
 def is_python_archive(path):
     """Whether a tar archive is CIFAR-10's python format, by its content: its first file is one
-    of CIFAR_BATCH_FILES (only the archive's start is read, not the whole archive)."""
+    of CIFAR_BATCH_FILES (only the archive's start is read). An unreadable archive is not: the
+    image-folder reader names what is wrong with it, once the weights are checked."""
     try:
         with tarfile.open(path) as archive:
             first = next((member for member in archive if member.isfile() and not image_files.left_by_tools(member.name)), None)
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise InputError(f"cannot read the archive {path} ({first_line(error)}); download it again") from None
+    except (tarfile.TarError, OSError, EOFError):
+        return False
     return first is not None and first.name.rsplit("/", 1)[-1] in CIFAR_BATCH_FILES
 
 

@@ -74,7 +74,7 @@ class WallTimeEstimate(keras.callbacks.Callback):
         estimate = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
         longer = "; --subset N (fewer images) or fewer epochs make it shorter" if seconds > self.LONG else ""
         # Keras's progress bar redraws its line in a terminal: the estimate starts a line of its own.
-        own_line = "\n" if self.params.get("verbose") == 1 and sys.stdout.isatty() else ""
+        own_line = "\n" if self.params.get("verbose") in (1, "auto") and sys.stdout.isatty() else ""
         print(f"{own_line}{self.label}: about {estimate} for {epochs} epochs on this {devices.description()} "
               f"({detail}){longer}", flush=True)
         self.printed = True
