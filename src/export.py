@@ -12,7 +12,8 @@ and `README.md` (how to call it). Nothing is written into the run folder.
 
 Formats: `tf_saved_model` (needs TensorFlow), `onnx` (needs tf2onnx on the TensorFlow backend,
 jax2onnx on JAX, onnxscript on torch), `litert` (needs TensorFlow, and the TensorFlow or torch
-backend). A converter that is not installed gets one line naming the package to install.
+backend; TensorFlow 2.20 or later). A converter that is not installed, or too old, gets one line
+naming the package to install.
 """
 
 import argparse
@@ -30,6 +31,10 @@ FORMATS = {  # format: (file or folder name, packages its converter needs)
     "onnx": ("model.onnx", "tf2onnx (TensorFlow backend), jax2onnx (JAX) or onnxscript (torch)"),
     "litert": ("model.tflite", "tensorflow"),
 }
+# TensorFlow's LiteRT converter before 2.20 aborts the whole process on Keras 3's models, with no
+# Python error to catch (measured: TensorFlow 2.16.1 with Keras 3.13, "LLVM ERROR: Failed to infer
+# result type(s)"; 2.20.0 and 2.21 export and run; 2.17 to 2.19 not tried).
+LITERT_MINIMUM_TENSORFLOW = (2, 20)
 HOW_TO_CALL = {
     "tf_saved_model": """```python
 import numpy as np, tensorflow as tf
@@ -73,6 +78,8 @@ def main(arguments):
         raise InputError(f"--out {folder} is not empty; pass a new folder")
     runs.check_writable(folder)
     name, packages = FORMATS[arguments.format]
+    if arguments.format == "litert":
+        _check_litert_converter()
     import keras
 
     signature = [keras.InputSpec(shape=(None, side, side, 3), dtype="uint8")]
@@ -93,6 +100,20 @@ def main(arguments):
         f"first); VGG16's preprocessing is inside. Output: class probabilities (n, {len(class_names)}), in the "
         f"order of `class_names.json`.\n\n" + HOW_TO_CALL[arguments.format].format(folder=folder, side=side) + "\n")
     print(f"Exported {run_dir} as {arguments.format} to {folder / name}")
+
+
+def _check_litert_converter():
+    """One line instead of the converter's abort on a TensorFlow older than LITERT_MINIMUM_TENSORFLOW."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return  # model.export names the missing package
+    version = tuple(int(part) for part in tf.__version__.split(".")[:2] if part.isdigit())
+    if version < LITERT_MINIMUM_TENSORFLOW:
+        minimum = ".".join(map(str, LITERT_MINIMUM_TENSORFLOW))
+        raise InputError(f"exporting to litert needs TensorFlow {minimum} or later (this is {tf.__version__}, whose "
+                         f"converter aborts on Keras 3 models); pip install -U tensorflow, or export tf_saved_model "
+                         f"or onnx")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The whole path a user takes, small enough for every CI step: a main job stopped by Ctrl-C
-and run again, its model in predict.py, exported for LiteRT and run in the stock interpreter.
+and run again, its model in predict.py, exported for LiteRT and run in the stock interpreter
+(on a TensorFlow too old for LiteRT: refused in one line, and a SavedModel served instead).
 CI runs it on the newest packages and on the lowest versions requirements.txt allows (the
 `floors` marker), where the fast tests alone would not train, save, resume or export."""
 
@@ -52,9 +53,18 @@ def test_a_run_resumes_predicts_and_exports_for_litert_on_these_versions(shared_
                                [float(row["confidence"]) for row in rows], atol=1e-4)
 
     exported = tmp_path / "litert"
-    assert cli.run_tool(export.main, export.parse_arguments, [str(run_dir), "--format", "litert", "--out", str(exported)]) == 0
-    runner = tf.lite.Interpreter(str(exported / "model.tflite")).get_signature_runner()
-    (input_name,) = runner.get_input_details()
-    served = next(iter(runner(**{input_name: test_set.x_test[:8]}).values()))
+    status = cli.run_tool(export.main, export.parse_arguments, [str(run_dir), "--format", "litert", "--out", str(exported)])
+    if tuple(map(int, tf.__version__.split(".")[:2])) < export.LITERT_MINIMUM_TENSORFLOW:  # its converter would abort
+        assert status == 2 and "exporting to litert needs TensorFlow 2.20 or later" in capsys.readouterr().err
+        exported = tmp_path / "saved_model"  # what such a TensorFlow exports instead
+        assert cli.run_tool(export.main, export.parse_arguments,
+                            [str(run_dir), "--format", "tf_saved_model", "--out", str(exported)]) == 0
+        served_model = tf.saved_model.load(str(exported / "saved_model")).signatures["serving_default"]
+        served = next(iter(served_model(tf.constant(test_set.x_test[:8])).values())).numpy()
+    else:
+        assert status == 0
+        runner = tf.lite.Interpreter(str(exported / "model.tflite")).get_signature_runner()
+        (input_name,) = runner.get_input_details()
+        served = next(iter(runner(**{input_name: test_set.x_test[:8]}).values()))
     np.testing.assert_allclose(served.max(axis=1), [float(row["confidence"]) for row in rows], atol=1e-4)
 

@@ -52,8 +52,8 @@ def load_saved_classifier(model_path, import_script=None):
     if not model_file.is_file():
         raise InputError(f"--model {model_path}: no model.keras there; pass a run folder or a .keras file")
     try:
-        for package in registered_packages(model_file) - {"vgg_transfer"}:
-            if import_script is not None:
+        if import_script is not None:
+            for package in registered_packages(model_file) - {"vgg_transfer"}:
                 import_script(package)
         model = keras.saving.load_model(model_file, compile=False, custom_objects=PORTABLE_OPTIMIZERS)
     except Exception as error:
