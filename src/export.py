@@ -66,6 +66,8 @@ def parse_arguments(argv=None):
 
 
 def main(arguments):
+    if arguments.format == "litert":  # before any work: such a converter would end the process
+        _check_litert_converter()
     run_dir = Path(arguments.run)
     model, class_names, side = saved_models.load_saved_classifier(run_dir, import_script=importlib.import_module)
     model = saved_models.float32_twin(model)
@@ -78,8 +80,6 @@ def main(arguments):
         raise InputError(f"--out {folder} is not empty; pass a new folder")
     runs.check_writable(folder)
     name, packages = FORMATS[arguments.format]
-    if arguments.format == "litert":
-        _check_litert_converter()
     import keras
 
     signature = [keras.InputSpec(shape=(None, side, side, 3), dtype="uint8")]

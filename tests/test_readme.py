@@ -100,7 +100,7 @@ def download_server(shared_data, tmp_path_factory):
     server.server_close()
 
 
-def _run(command, server, workspace, run_dir=None, photo=None, downloads=False, terminal=False):
+def _run(command, server, workspace, shared_data, run_dir=None, photo=None, downloads=False, terminal=False):
     """Runs one README command as written, with placeholders filled and the test's flags appended."""
     base_url, served, _ = server
     words = shlex.split(command.replace("RUN_DIR", str(run_dir)).replace("my_photo.jpg", str(photo)))
@@ -116,15 +116,15 @@ def _run(command, server, workspace, run_dir=None, photo=None, downloads=False, 
     arguments = words[2:]
     out = workspace / "out"
     if "--help" not in arguments:
-        shared = ["--data", environment.get("VGG_TRANSFER_SHARED_DATA_ARCHIVE", ""), "--weights",
-                  environment.get("VGG_TRANSFER_SHARED_WEIGHTS", "")]
+        archive, weights = shared_data
         if script in TRAINING:
             subset = "2000" if terminal else "200"  # a terminal's run: several steps an epoch, for the estimate
-            arguments += [*([] if downloads else shared), "--subset", subset, "--epochs", "2", "--out", str(out)]
+            local = [] if downloads else ["--data", str(archive), "--weights", str(weights)]
+            arguments += [*local, "--subset", subset, "--epochs", "2", "--out", str(out)]
             if script == "fine_tune.py":
                 arguments += ["--fine-tune-epochs", "1"]  # its second phase's epochs: as short as the first's
         else:
-            flags = {"--data": shared[1], "--out": str(out)}
+            flags = {"--data": str(archive), "--out": str(out)}
             if script == "export.py":
                 flags["--out"] = str(workspace / "exported" / arguments[-1])
             for flag in TOOL_FLAGS[script]:
@@ -161,11 +161,9 @@ def _in_a_terminal(command, environment, workspace):
 def test_every_readme_command_runs_as_written_the_first_with_keras_downloads(shared_data, download_server, tmp_path,
                                                                            monkeypatch):
     archive, weights = shared_data
-    monkeypatch.setenv("VGG_TRANSFER_SHARED_DATA_ARCHIVE", str(archive))
-    monkeypatch.setenv("VGG_TRANSFER_SHARED_WEIGHTS", str(weights))
     monkeypatch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path / "in"))  # nothing local: the default path downloads
     first, *others = readme_commands()
-    finished = _run(first, download_server, tmp_path, downloads=True, terminal=True)
+    finished = _run(first, download_server, tmp_path, shared_data, downloads=True, terminal=True)
     assert finished.returncode == 0, finished.stdout[-3000:]
     assert "Data: CIFAR-10 (keras.datasets download)" in finished.stdout
     # In the terminal: the extraction announced, each set's progress bar labelled, and the
@@ -187,7 +185,8 @@ def test_every_readme_command_runs_as_written_the_first_with_keras_downloads(sha
     Image.fromarray(image_files.read_image_file(_first_test_image(archive, tmp_path), 32)).save(photo)
 
     def run(command):
-        return command, _run(command, download_server, tmp_path, run_dir=PROJECT_ROOT / run_dir, photo=photo)
+        return command, _run(command, download_server, tmp_path, shared_data, run_dir=PROJECT_ROOT / run_dir,
+                             photo=photo)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time, on two cores
         results = list(pool.map(run, others))
