@@ -118,7 +118,8 @@ def main(setup):
         test_predictions = features.predict_with_cached_features(model, head, test_features, dataset.x_test,
                                                                  BATCH_SIZE, run)
     reporting.write_run(run, model, dataset, history, test_predictions,
-                        notes={"api": "functional", "strategy": "frozen", "features_from_cache": from_cache})
+                        notes={"api": "functional", "strategy": "frozen", "features_from_cache": from_cache},
+                        head_on_features=(head, cached["test"]))
 
 
 if __name__ == "__main__":

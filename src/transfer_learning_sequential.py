@@ -133,7 +133,7 @@ def main(setup):
                                                                      BATCH_SIZE, run)
     reporting.write_run(run, model, dataset, history, test_predictions, notes={
         "api": "sequential", "strategy": "trainable base" if TRAIN_BASE else "frozen",
-    })
+    }, head_on_features=None if TRAIN_BASE else (head, cached["test"]))
 
 
 if __name__ == "__main__":

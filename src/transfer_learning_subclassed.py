@@ -130,7 +130,8 @@ def main(setup):
     model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     reporting.write_run(run, model, dataset, history, test_predictions,
-                        notes={"api": "subclassing", "strategy": "frozen", "features_from_cache": from_cache})
+                        notes={"api": "subclassing", "strategy": "frozen", "features_from_cache": from_cache},
+                        head_on_features=(head, cached["test"]))
 
 
 if __name__ == "__main__":

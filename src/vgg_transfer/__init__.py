@@ -58,6 +58,12 @@ def _native_stderr_hidden():
 # Also quietens TensorFlow's C++ logging after it loads (on a CPU-only machine it logs a CUDA
 # "error" that is none, "failed call to cuInit"); read once, as TensorFlow loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow's CPU tensors come from the C library's malloc by default, which maps every large
+# one (a batch of features, a layer's gradient) afresh from the operating system and returns it
+# after the step: the kernel spends a third of the head's training zeroing pages. Its BFC
+# allocator keeps the memory and reuses it (docs/results.md measures both); read as TensorFlow
+# loads. Set TF_CPU_ALLOCATOR_USE_BFC=false to go back.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 # Keras raises a traceback for a backend it does not know or cannot import; these get one line.
 KERAS_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
 _backend = os.environ.get("KERAS_BACKEND", "tensorflow")

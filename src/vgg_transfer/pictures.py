@@ -184,11 +184,14 @@ EMBEDDING_IMAGES = 1000
 FORWARD_SECONDS = 4.0
 
 
-def plot_embedding(path, model, images, labels, class_names, title, seed=0):
+def plot_embedding(path, model, inputs, images, labels, class_names, title, seed=0):
     """embedding.png: what the head's last hidden layer makes of the test images, projected to
     2-D with PCA and with t-SNE (on PCA's 50 first components), coloured by class, with a few
     thumbnails. At most EMBEDDING_IMAGES images, drawn at random, fewer if the model's passes
     reach FORWARD_SECONDS; the picture says how many.
+
+    `model` (the whole model, or its head) runs on `inputs`, what it takes for the test `images`:
+    the images themselves, or their cached features.
 
     Returns:
         How many test images the picture shows.
@@ -198,7 +201,7 @@ def plot_embedding(path, model, images, labels, class_names, title, seed=0):
     started, parts = time.perf_counter(), []
     for start in range(0, len(order), 200):
         rows = np.sort(order[start:start + 200])
-        parts.append((rows, activations.first_calls(model, [last_dense], images[rows], received=True)[0]))
+        parts.append((rows, activations.first_calls(model, [last_dense], inputs[rows], received=True)[0]))
         if not distribute.every_worker(time.perf_counter() - started <= FORWARD_SECONDS):  # the same passes on all
             break
     chosen = np.concatenate([rows for rows, _ in parts])

@@ -30,7 +30,7 @@ def probabilities_and_loss(model, labels, outputs):
     return outputs, value
 
 
-def write_run(run, model, dataset, history, test_predictions, notes=None):
+def write_run(run, model, dataset, history, test_predictions, notes=None, head_on_features=None):
     """Writes every file of a run, saves its model, and publishes the run folder.
 
     Args:
@@ -41,6 +41,10 @@ def write_run(run, model, dataset, history, test_predictions, notes=None):
         history: the `History` that `fit` returned (or a list of them, one per phase).
         test_predictions: the model's outputs on `dataset.x_test`, in order (N_test, classes).
         notes: more entries for metrics.json (the API, the strategy...).
+        head_on_features: (head, the cached features of `dataset.x_test`) where the script trained
+            `model`'s head on cached features: the embedding picture then runs the head on them
+            instead of pushing the test images through VGG16 again (the same values, checked by
+            `features.predict_with_cached_features`; on a rerun, most of the picture's time).
 
     Returns:
         The metrics dict that was written to metrics.json.
@@ -66,7 +70,9 @@ def write_run(run, model, dataset, history, test_predictions, notes=None):
     pictures.plot_architecture(folder / "architecture.png", model, title)
     write_model_summary(folder / "model_summary.txt", model)
     with run.timed("embedding"):
-        embedded = pictures.plot_embedding(folder / "embedding.png", model, dataset.x_test, labels, names, title)
+        embedder, inputs = head_on_features or (model, dataset.x_test)
+        embedded = pictures.plot_embedding(folder / "embedding.png", embedder, inputs, dataset.x_test, labels, names,
+                                           title)
     save_model(folder / saved_models.MODEL_FILE_NAME, model)
     metrics = run_metrics(run, model, dataset, epochs, predicted, test_loss, report, areas, counts, normalised,
                           embedded, notes)
