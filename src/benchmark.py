@@ -98,33 +98,11 @@ def images_per_second(step, batch_size, min_seconds):
     return n_batches * batch_size / (time.perf_counter() - start)
 
 
-def matmul_peak(size, min_seconds):
-    """FLOP/s of a square matrix product in the compute dtype, the device's practical peak."""
-    dtype = keras.config.dtype_policy().compute_dtype
-    rng = np.random.default_rng(0)
-    a = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
-    b = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
-
-    def products(count):
-        c = a
-        for _ in range(count):
-            c = keras.ops.matmul(a, b)
-        keras.ops.convert_to_numpy(keras.ops.cast(c[0, 0], "float32"))  # waits for asynchronous backends (JAX)
-
-    products(2)
-    start = time.perf_counter()
-    products(1)
-    count = max(3, int(np.ceil(min_seconds / max(time.perf_counter() - start, 1e-6))))
-    start = time.perf_counter()
-    products(count)
-    return count * 2 * size**3 / (time.perf_counter() - start)
-
-
 def measure(precision, sizes, rng):
     """{"precision", "matmul_tflops", "results": [a row per image size]} for one precision."""
     devices.set_precision(precision)
     # One device's product; with --distribute, the devices together can do that many times as much.
-    peak = matmul_peak(MATMUL_SIZE, MIN_SECONDS) * distribute.replicas()
+    peak = devices.matmul_peak(MATMUL_SIZE, MIN_SECONDS) * distribute.replicas()
     print(f"{precision}: peak {peak / 1e12:.2f} TFLOP/s ({MATMUL_SIZE}x{MATMUL_SIZE} matrix product"
           f"{f', one device times {distribute.replicas()}' if distribute.replicas() > 1 else ''})", flush=True)
     rows = []

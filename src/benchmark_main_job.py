@@ -3,8 +3,9 @@ the seconds of each phase (the embedding picture's among them: its budget is 10 
 
 Runs `python src/transfer_learning.py` as a user does, as separate processes, with a fresh,
 empty cache, so the first run decodes the images and extracts the features, and the rerun
-reads both from the cache. Prints a markdown table (with machine, backend and versions)
-and writes it as JSON to out/benchmarks/.
+reads both from the cache. Prints a markdown table (with machine, backend and versions), the
+head's achieved TFLOP/s in `fit` beside the matrix-product peak of the runs' precision
+(measured after them), and writes it as JSON to out/benchmarks/.
 
     python src/benchmark_main_job.py --data ../shared/data/cifar-10-images-jpg.tar.gz \\
         --weights ../shared/data/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5
@@ -21,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from vgg_transfer import paths, runs
+from vgg_transfer import devices, paths, runs
+
+import keras
 
 REPEATS = 1  # pairs of (first run, rerun); each pair starts from an empty cache
 
@@ -67,21 +70,28 @@ def main():
                              "epochs_run": metrics["epochs_run"], "head_tflops": head_tflops(metrics),
                              "run_dir": run_dir})
                 print(f"{kind}: {seconds:.1f} s, test accuracy {metrics['test_accuracy']:.4f} ({run_dir})", flush=True)
+    # The head's speed against what this machine does in the runs' precision: a large matrix
+    # product, timed here after the runs, on the same quiet machine.
+    policy = metrics["precision"]["dtype_policy"]
+    keras.config.set_dtype_policy(policy)
+    peak = devices.matmul_peak() / 1e12
     environment = runs.environment()
     print(f"\nMachine: {environment['machine']}; backend {environment['backend']} on {environment['device']}; "
-          f"keras {environment['versions'].get('keras')}; command: transfer_learning.py {' '.join(passed_on)}\n")
-    print("| run | wall time (s) | data | features | training | head's TFLOP/s | evaluation | embedding picture | epochs "
-          "| test accuracy |")
+          f"keras {environment['versions'].get('keras')}; command: transfer_learning.py {' '.join(passed_on)}; "
+          f"matrix-product peak in {policy}: {peak:.3f} TFLOP/s\n")
+    print("| run | wall time (s) | data | features | training | head's TFLOP/s (of peak) | evaluation "
+          "| embedding picture | epochs | test accuracy |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         phases = row["phases"]
-        tflops = f"{row['head_tflops']:.3f}" if row["head_tflops"] else "-"
+        tflops = f"{row['head_tflops']:.3f} ({row['head_tflops'] / peak:.0%})" if row["head_tflops"] else "-"
         print(f"| {row['kind']} #{row['repeat']} | {row['wall_seconds']} | {phases.get('data')} | {phases.get('features')} "
               f"| {phases.get('training')} | {tflops} | {phases.get('evaluation')} | {phases.get('embedding')} | {row['epochs_run']} "
               f"| {row['test_accuracy']:.4f} |")
     report = Path(options.out) / "benchmarks" / f"main_job-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps({"command": passed_on, "environment": environment, "runs": rows}, indent=2))
+    report.write_text(json.dumps({"command": passed_on, "environment": environment, "matmul_peak_tflops": peak,
+                                  "runs": rows}, indent=2))
     print(f"\nWritten: {report}")
 
 

@@ -19,9 +19,11 @@ weights, the outputs and the loss stay float32 (Keras's "mixed_*" policies).
 """
 
 import os
+import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from vgg_transfer import distribute
 
@@ -177,6 +179,29 @@ def set_precision(precision):
     weights; a model compiled under "float16" gets Keras's loss scaling). Call before building
     models."""
     keras.config.set_dtype_policy(DTYPE_POLICIES[precision])
+
+
+def matmul_peak(size=4096, min_seconds=3.0):
+    """FLOP/s of a square matrix product of side `size` in the compute dtype of Keras's dtype
+    policy, timed for at least `min_seconds` after a warm-up: the device's practical peak."""
+    dtype = keras.config.dtype_policy().compute_dtype
+    rng = np.random.default_rng(0)
+    a = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
+    b = keras.ops.convert_to_tensor(rng.standard_normal((size, size), np.float32), dtype)
+
+    def products(count):
+        c = a
+        for _ in range(count):
+            c = keras.ops.matmul(a, b)
+        keras.ops.convert_to_numpy(keras.ops.cast(c[0, 0], "float32"))  # waits for asynchronous backends (JAX)
+
+    products(2)
+    start = time.perf_counter()
+    products(1)
+    count = max(3, int(np.ceil(min_seconds / max(time.perf_counter() - start, 1e-6))))
+    start = time.perf_counter()
+    products(count)
+    return count * 2 * size**3 / (time.perf_counter() - start)
 
 
 def description():
