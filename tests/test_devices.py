@@ -91,3 +91,34 @@ def test_float16_trains_with_loss_scaling_and_keeps_float32_weights_and_outputs(
     finally:
         keras.config.set_dtype_policy("float32")
 
+
+
+ALLOCATOR_PROBE = """
+import os, vgg_transfer, tensorflow as tf
+product = tf.ones((512, 512)) @ tf.ones((512, 512))  # something allocated
+try:
+    print(os.environ["TF_CPU_ALLOCATOR_USE_BFC"], tf.config.experimental.get_memory_info("CPU:0")["peak"] > 0)
+except ValueError:  # the default allocator keeps no statistics
+    print(os.environ["TF_CPU_ALLOCATOR_USE_BFC"], "malloc")
+"""
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow's CPU allocator")
+@pytest.mark.parametrize("setting, expected", [(None, "true True"), ("false", "false malloc")])
+def test_tensorflow_takes_its_cpu_memory_from_its_bfc_allocator_unless_the_user_says_otherwise(setting, expected):
+    """The package sets TF_CPU_ALLOCATOR_USE_BFC before TensorFlow loads (the C library's malloc
+    made the head's training zero fresh pages every step, docs/design.md); a user's own
+    setting wins. Only the BFC allocator keeps the statistics read here."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    environment = {key: value for key, value in os.environ.items() if key != "TF_CPU_ALLOCATOR_USE_BFC"}
+    if setting:
+        environment["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+    finished = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], capture_output=True, text=True, timeout=300,
+                              env={**environment, "PYTHONPATH": str(PROJECT_ROOT / "src")})
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.split("\n")[-2] == expected
