@@ -60,7 +60,7 @@ def _native_stderr_hidden():
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TensorFlow's CPU tensors come from the C library's malloc by default, which maps every large
 # one (a batch of features, a layer's gradient) afresh from the operating system and returns it
-# after the step: the kernel spends a third of the head's training zeroing pages. Its BFC
+# after the step: the kernel spent a third of a rerun's CPU time zeroing pages. Its BFC
 # allocator keeps the memory and reuses it (docs/results.md measures both); read as TensorFlow
 # loads. Set TF_CPU_ALLOCATOR_USE_BFC=false to go back.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
