@@ -102,16 +102,23 @@ def main(arguments):
     print(f"Exported {run_dir} as {arguments.format} to {folder / name}")
 
 
-def _check_litert_converter():
-    """One line instead of the converter's abort on a TensorFlow older than LITERT_MINIMUM_TENSORFLOW."""
+def tensorflow_too_old_for_litert():
+    """TensorFlow's version when it is older than LITERT_MINIMUM_TENSORFLOW, else None (also
+    without TensorFlow: then model.export names the missing package)."""
     try:
         import tensorflow as tf
     except ImportError:
-        return  # model.export names the missing package
+        return None
     version = tuple(int(part) for part in tf.__version__.split(".")[:2] if part.isdigit())
-    if version < LITERT_MINIMUM_TENSORFLOW:
+    return tf.__version__ if version < LITERT_MINIMUM_TENSORFLOW else None
+
+
+def _check_litert_converter():
+    """One line instead of the converter's abort on a TensorFlow older than LITERT_MINIMUM_TENSORFLOW."""
+    too_old = tensorflow_too_old_for_litert()
+    if too_old:
         minimum = ".".join(map(str, LITERT_MINIMUM_TENSORFLOW))
-        raise InputError(f"exporting to litert needs TensorFlow {minimum} or later (this is {tf.__version__}, whose "
+        raise InputError(f"exporting to litert needs TensorFlow {minimum} or later (this is {too_old}, whose "
                          f"converter aborts on Keras 3 models); pip install -U tensorflow, or export tf_saved_model "
                          f"or onnx")
 

@@ -1,6 +1,6 @@
 """The main job run in a subprocess, as a user runs it, for the tests that stop it with a real
 signal (tests/interrupting.py), fill its disk (tests/full_disk.py), or run it on another backend
-or over several devices; and readers of the run folders it writes."""
+or over several devices; and readers of the run folders it writes and of their exports."""
 
 import csv
 import json
@@ -92,3 +92,22 @@ def history_of(run_dir):
 def predictions_of(run_dir):
     with open(run_dir / "predictions.csv") as file:
         return list(csv.DictReader(file))
+
+
+def served_predictions(format_name, out_dir, images):
+    """What the model that export.py wrote to `out_dir` gives for `images`, in its own runtime."""
+    if format_name == "tf_saved_model":
+        import tensorflow as tf
+
+        served = tf.saved_model.load(str(out_dir / "saved_model")).signatures["serving_default"]
+        return next(iter(served(tf.constant(images)).values())).numpy()
+    if format_name == "litert":  # through the LiteRT interpreter, as on a phone
+        import tensorflow as tf
+
+        runner = tf.lite.Interpreter(str(out_dir / "model.tflite")).get_signature_runner()
+        (input_name,) = runner.get_input_details()
+        return next(iter(runner(**{input_name: images}).values()))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"))
+    return session.run(None, {session.get_inputs()[0].name: images})[0]

@@ -2,11 +2,15 @@
 GPUs of every compute capability, CPUs with and without bfloat16 units; and float16 training
 with loss scaling, on a toy model on this CPU."""
 
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 
+from conftest import PROJECT_ROOT
 from vgg_transfer import devices
 
 
@@ -92,7 +96,6 @@ def test_float16_trains_with_loss_scaling_and_keeps_float32_weights_and_outputs(
         keras.config.set_dtype_policy("float32")
 
 
-
 ALLOCATOR_PROBE = """
 import os, vgg_transfer, tensorflow as tf
 product = tf.ones((512, 512)) @ tf.ones((512, 512))  # something allocated
@@ -109,12 +112,6 @@ def test_tensorflow_takes_its_cpu_memory_from_its_bfc_allocator_unless_the_user_
     """The package sets TF_CPU_ALLOCATOR_USE_BFC before TensorFlow loads (the C library's malloc
     made the head's training zero fresh pages every step, docs/design.md); a user's own
     setting wins. Only the BFC allocator keeps the statistics read here."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import PROJECT_ROOT
-
     environment = {key: value for key, value in os.environ.items() if key != "TF_CPU_ALLOCATOR_USE_BFC"}
     if setting:
         environment["TF_CPU_ALLOCATOR_USE_BFC"] = setting

@@ -16,6 +16,7 @@ import export
 import predict
 import transfer_learning
 from conftest import interrupt_after_epochs
+from main_job import served_predictions
 from vgg_transfer import cli, data
 
 pytestmark = [pytest.mark.slow, pytest.mark.floors]
@@ -23,8 +24,6 @@ COMMAND = ["--subset", "300", "--epochs", "3", "--batch-size", "64", "--quiet", 
 
 
 def test_a_run_resumes_predicts_and_exports_for_litert_on_these_versions(shared_data, tmp_path, monkeypatch, capsys):
-    import tensorflow as tf
-
     archive, weights = shared_data
     argv = ["--data", str(archive), "--weights", str(weights), "--out", str(tmp_path / "out"), *COMMAND]
     with monkeypatch.context() as patch:
@@ -54,17 +53,13 @@ def test_a_run_resumes_predicts_and_exports_for_litert_on_these_versions(shared_
 
     exported = tmp_path / "litert"
     status = cli.run_tool(export.main, export.parse_arguments, [str(run_dir), "--format", "litert", "--out", str(exported)])
-    if tuple(map(int, tf.__version__.split(".")[:2])) < export.LITERT_MINIMUM_TENSORFLOW:  # its converter would abort
+    served_format = "litert"
+    if export.tensorflow_too_old_for_litert():  # its converter would abort
         assert status == 2 and "exporting to litert needs TensorFlow 2.20 or later" in capsys.readouterr().err
-        exported = tmp_path / "saved_model"  # what such a TensorFlow exports instead
-        assert cli.run_tool(export.main, export.parse_arguments,
-                            [str(run_dir), "--format", "tf_saved_model", "--out", str(exported)]) == 0
-        served_model = tf.saved_model.load(str(exported / "saved_model")).signatures["serving_default"]
-        served = next(iter(served_model(tf.constant(test_set.x_test[:8])).values())).numpy()
-    else:
-        assert status == 0
-        runner = tf.lite.Interpreter(str(exported / "model.tflite")).get_signature_runner()
-        (input_name,) = runner.get_input_details()
-        served = next(iter(runner(**{input_name: test_set.x_test[:8]}).values()))
+        served_format, exported = "tf_saved_model", tmp_path / "saved_model"  # what such a TensorFlow exports instead
+        status = cli.run_tool(export.main, export.parse_arguments,
+                              [str(run_dir), "--format", served_format, "--out", str(exported)])
+    assert status == 0
+    served = served_predictions(served_format, exported, test_set.x_test[:8])
     np.testing.assert_allclose(served.max(axis=1), [float(row["confidence"]) for row in rows], atol=1e-4)
 

@@ -13,7 +13,7 @@ import export
 import fine_tune
 import transfer_learning
 from conftest import interrupt_after_epochs
-from main_job import NOISE, metrics_of, history_of
+from main_job import NOISE, history_of, metrics_of, served_predictions
 from vgg_transfer import cli, data, devices, saved_models, training
 
 pytestmark = pytest.mark.slow
@@ -104,25 +104,6 @@ def test_auto_takes_the_precision_the_device_computes_fastest_and_the_saved_mode
     keras.config.set_dtype_policy("float32")
 
 
-def _served_predictions(format_name, out_dir, images):
-    """What the model that export.py wrote to `out_dir` gives for `images`, in its own runtime."""
-    if format_name == "tf_saved_model":
-        import tensorflow as tf
-
-        served = tf.saved_model.load(str(out_dir / "saved_model")).signatures["serving_default"]
-        return next(iter(served(tf.constant(images)).values())).numpy()
-    if format_name == "litert":  # through the LiteRT interpreter, as on a phone
-        import tensorflow as tf
-
-        runner = tf.lite.Interpreter(str(out_dir / "model.tflite")).get_signature_runner()
-        (input_name,) = runner.get_input_details()
-        return next(iter(runner(**{input_name: images}).values()))
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(out_dir / "model.onnx"))
-    return session.run(None, {session.get_inputs()[0].name: images})[0]
-
-
 @pytest.mark.parametrize("format_name", ["litert", "tf_saved_model", "onnx"])
 def test_exports_of_half_precision_models_run_and_agree_with_predict(precision_runs, shared_data, format_name, tmp_path):
     """Each export of a bfloat16 and a float16 model runs in its stock runtime (LiteRT's
@@ -139,7 +120,7 @@ def test_exports_of_half_precision_models_run_and_agree_with_predict(precision_r
             confidences = [float(row["confidence"]) for row in csv.DictReader(file)]
         assert min(confidences) < 0.9  # not a model so sure of everything that any export agrees
         expected = keras.ops.convert_to_numpy(model.predict(images, verbose=0)).astype(np.float32)
-        served = _served_predictions(format_name, tmp_path / precision, images)
+        served = served_predictions(format_name, tmp_path / precision, images)
         np.testing.assert_allclose(served, expected, atol=2e-2)
         top_two = np.sort(expected, axis=1)[:, -2:]
         clear = top_two[:, 1] - top_two[:, 0] > 4e-2
