@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import transfer_learning
-from vgg_transfer import cli, data
+from vgg_transfer import cli, data, features
 
 SUBSET = 2000
 EPOCHS = 15
@@ -125,9 +125,9 @@ def test_run_folder_holds_every_report(pretrained_run):
     assert len(history) == metrics["epochs_run"] >= 1
     assert min(float(row["val_loss"]) for row in history) == pytest.approx(metrics["best_val_loss"], rel=1e-6)
     assert (pretrained_run / "checkpoints" / "best.keras").is_file()
-    # The figures come from the head on cached features; the whole model agreed on 256 test images.
+    # The figures come from the head on cached features; the whole model agreed on 64 test images.
     check = metrics["checks"]["cached_features"]
-    assert check["test_images_checked"] == 256 and check["largest_difference"] <= 1e-5, check
+    assert check["test_images_checked"] == features.VERIFIED_TEST_IMAGES == 64 and check["largest_difference"] <= 1e-5, check
     assert set(metrics["seconds"]) >= {"data", "features", "training", "evaluation", "total"}
     assert metrics["hyperparameters"]["FEATURE_LAYER"] == "block4_pool" and metrics["seed"] == 42
     assert metrics["environment"]["backend"] == keras.config.backend()
