@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_transfer import data, devices, image_files, models, saved_models, stored
+from vgg_transfer import data, devices, image_files, models, pictures, saved_models, stored
 from vgg_transfer.errors import InputError
 
 
@@ -347,3 +347,19 @@ def _check_benchmark_row(entry):
         assert figures["fraction_of_peak"] == pytest.approx(achieved / peak, rel=1e-6)
         assert 0 < figures["fraction_of_peak"] < 2  # no device runs VGG16 far above its matrix-product peak
     assert entry["dtype_policy"] == devices.DTYPE_POLICIES[entry["precision"]]
+
+
+def test_the_mistakes_picture_shows_each_classs_most_confident_mistakes_first(tmp_path):
+    """Three classes of 8x8 images; class 0 has four mistakes (two shown), class 1 one, class 2 none."""
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    predicted = np.array([1, 2, 0, 1, 2, 0, 1, 2])
+    confidence = np.array([0.5, 0.9, 0.99, 0.7, 0.9, 0.6, 0.8, 0.9])
+    probabilities = np.full((8, 3), 0.0)
+    probabilities[np.arange(8), predicted] = confidence
+    probabilities[np.arange(8), (predicted + 1) % 3] = 1 - confidence
+    images = np.random.default_rng(0).integers(0, 255, (8, 8, 8, 3), np.uint8)
+    shown = pictures.plot_confident_mistakes(tmp_path / "mistakes.png", images, labels, probabilities,
+                                             ["a", "b", "c"], "title", per_class=2)
+    assert shown == [[1, 4], [5], []]  # ties in the order of the test set; a right answer is never shown
+    with Image.open(tmp_path / "mistakes.png") as picture:
+        assert picture.format == "PNG" and picture.height > picture.width
