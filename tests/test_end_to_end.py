@@ -323,12 +323,12 @@ def test_the_embedding_reads_the_same_hidden_layer_from_cached_features_as_from_
     """The scripts draw the embedding from the head on the cached test features
     (`write_run(head_on_features=...)`), not from the whole model on the images: the head's
     last hidden layer must receive the same values either way."""
-    from vgg_transfer import activations
+    from vgg_transfer import activations, pictures
 
     model = keras.saving.load_model(pretrained_run / "model.keras")
     preprocessing, base, head = (model.get_layer(name) for name in ("vgg16_preprocessing", "vgg16_base", "head"))
     images = test_set.x_test[:16]
-    last_dense = [layer for layer in activations.all_layers(head) if isinstance(layer, keras.layers.Dense)][-1]
+    last_dense = pictures.embedded_layer(head)
     (from_images,) = activations.first_calls(model, [last_dense], images, received=True)
     features = keras.ops.convert_to_numpy(base(preprocessing(images)))
     (from_features,) = activations.first_calls(head, [last_dense], features, received=True)
@@ -336,7 +336,6 @@ def test_the_embedding_reads_the_same_hidden_layer_from_cached_features_as_from_
     np.testing.assert_allclose(from_features, from_images, rtol=1e-4, atol=1e-4)
     (from_mirrors,) = activations.first_calls(head, [last_dense], features[:, :, ::-1], received=True)
     assert np.abs(from_mirrors - from_images).max() > 1e-2  # the comparison can tell two inputs apart
-
 
 
 def test_export_names_a_missing_converter_and_never_writes_into_the_run(pretrained_run, tmp_path):

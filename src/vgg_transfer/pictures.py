@@ -100,7 +100,7 @@ MISTAKES_PER_CLASS = 5
 def plot_confident_mistakes(path, images, labels, probabilities, class_names, title, per_class=MISTAKES_PER_CLASS):
     """A grid of the most confident mistakes: one row per true class, up to `per_class` images,
     each captioned with the predicted class and its probability. Drawn as one mosaic on one
-    axes (a grid of 50 axes took twice as long, the most of a rerun's pictures).
+    axes: a grid of one axes per image took twice as long.
 
     Returns:
         The test indices shown, a list per true class, most confident first.
@@ -192,6 +192,12 @@ EMBEDDING_IMAGES = 1000
 FORWARD_SECONDS = 4.0
 
 
+def embedded_layer(model):
+    """The layer whose input the embedding picture shows: the model's last Dense layer (the
+    classifier), so its input is the head's last hidden layer."""
+    return [layer for layer in activations.all_layers(model) if isinstance(layer, keras.layers.Dense)][-1]
+
+
 def plot_embedding(path, model, inputs, images, labels, class_names, title, seed=0):
     """embedding.png: what the head's last hidden layer makes of the test images, projected to
     2-D with PCA and with t-SNE (on PCA's 50 first components), coloured by class, with a few
@@ -205,7 +211,7 @@ def plot_embedding(path, model, inputs, images, labels, class_names, title, seed
         How many test images the picture shows.
     """
     order = np.random.default_rng(seed).permutation(len(labels))[:EMBEDDING_IMAGES]
-    last_dense = [layer for layer in activations.all_layers(model) if isinstance(layer, keras.layers.Dense)][-1]
+    last_dense = embedded_layer(model)
     started, parts = time.perf_counter(), []
     for start in range(0, len(order), 200):
         rows = np.sort(order[start:start + 200])
