@@ -24,14 +24,11 @@ IMAGENET_WEIGHTS = SHARED_DATA / "vgg16_weights_tf_dim_ordering_tf_kernels_notop
 @pytest.fixture(scope="session", autouse=True)
 def isolated_folders(tmp_path_factory):
     """An empty in/ and one cache for the whole session, so the user's in/ never leaks in
-    and the shared JPEG archive is decoded once for all tests. JAX keeps what XLA compiled
-    in one folder for the session too: the JAX runs repeat the same programs in new processes,
-    and a hit is the same executable, so only compile time is saved (about 9 s of a 24 s run)."""
+    and the shared JPEG archive is decoded once for all tests (and on JAX, what XLA compiled:
+    the JAX runs repeat the same programs in new processes)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VGG_TRANSFER_IN_DIR", str(tmp_path_factory.mktemp("in")))
         patch.setenv("VGG_TRANSFER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-compiled")))
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         yield
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import PROJECT_ROOT
 from main_job import (COMMAND, EPOCHS, INTERRUPTING, NOISE, history_of, main_job, metrics_of, predictions_of,
                       runs_in)
-from vgg_transfer import data
+from vgg_transfer import data, paths
 
 
 def _require_jax():
@@ -48,6 +48,8 @@ def test_the_jax_backend_gives_the_same_result_within_noise(jax_run, uninterrupt
     assert check["test_images_checked"] == 64 and check["largest_difference"] <= 1e-5, check
     assert metrics["environment"]["backend"] == "jax" and metrics["epochs_run"] == EPOCHS
     assert metrics["test_accuracy"] == pytest.approx(uninterrupted[0]["test_accuracy"], abs=NOISE)
+    # What XLA compiled is kept in the cache folder, for the next JAX run to load.
+    assert len(list(paths.jax_compilation_cache().iterdir())) >= 10
 
 
 @pytest.mark.slow

@@ -20,5 +20,10 @@ def out_dir():
 
 
 def cache_dir():
-    """Decoded images and extracted features; safe to delete at any time."""
+    """Decoded images, extracted features and on JAX compiled programs; safe to delete at any time."""
     return Path(os.environ.get("VGG_TRANSFER_CACHE_DIR", in_dir() / ".cache"))
+
+
+def jax_compilation_cache():
+    """The programs XLA compiled on the JAX backend, loaded again by a rerun."""
+    return cache_dir() / "jax-compiled"
