@@ -73,7 +73,7 @@ if _backend not in KERAS_BACKENDS:
           f"{', '.join(KERAS_BACKENDS[:3])}, or unset it for tensorflow", file=sys.stderr)
     raise SystemExit(2)
 # On JAX, what XLA compiles is kept in the cache folder, so a rerun with the same shapes loads
-# its programs instead of compiling them again (docs/results.md: a rerun 27 -> 18 s on 2 CPU
+# its programs instead of compiling them again (docs/results.md: a rerun 26 -> 17 s on 2 CPU
 # cores); all of them, where JAX by default keeps only those that took over a second to compile,
 # none of the many small ones here. Read as JAX loads; safe to delete with the rest of the cache.
 if _backend == "jax":
