@@ -30,8 +30,10 @@ def cosine_decay(initial_learning_rate, epochs):
 class WallTimeEstimate(keras.callbacks.Callback):
     """Prints, once the first training steps are timed, about how long this `fit` will take:
     "Training: about 12 min for 10 epochs on this CPU (0.51 s a step, 141 steps an epoch)".
-    The first step is left out (it includes compiling) and validation counted as 5% more; an
-    epoch too short to time that way is timed whole. Above 2 hours it names what shortens it."""
+    The first step is left out (it includes compiling) and validation counted as 5% more. An
+    epoch under half a minute is timed whole instead, when the next one begins: beside so few
+    steps, what every epoch adds (validation, the checkpoint, the backup) is not small. Above
+    2 hours it names what shortens it."""
 
     PROBE_STEPS = 10
     PROBE_SECONDS = 30
@@ -42,15 +44,17 @@ class WallTimeEstimate(keras.callbacks.Callback):
         self.label = label
 
     def on_train_begin(self, logs=None):
-        self.first_epoch, self.epoch_started, self.after_first_step, self.timed_steps = None, None, None, 0
-        self.printed = False
+        self.first_epoch, self.epoch_started, self.after_first_step = None, None, None
+        self.timed_steps, self.per_step, self.printed = 0, None, False
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
             self.first_epoch, self.epoch_started = epoch, time.perf_counter()
+        elif not self.printed:
+            self._report_first_epoch_whole()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.printed:
+        if self.printed or self.per_step is not None:
             return
         now = time.perf_counter()
         if self.after_first_step is None:
@@ -59,22 +63,31 @@ class WallTimeEstimate(keras.callbacks.Callback):
         self.timed_steps += 1
         steps, elapsed = self.params.get("steps") or 1, now - self.after_first_step
         if self.timed_steps >= min(self.PROBE_STEPS, steps - 1) or elapsed >= self.PROBE_SECONDS:
-            per_step = elapsed / self.timed_steps
-            self._report(per_step * steps * 1.05, f"{per_step:.2g} s a step, {steps} steps an epoch")
+            self.per_step = elapsed / self.timed_steps
+            if self.per_step * steps >= self.PROBE_SECONDS:
+                self._report(self.per_step * steps * 1.05, f"{self.per_step:.2g} s a step, {steps} steps an epoch",
+                             mid_epoch=True)
 
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.printed:
-            self._report(time.perf_counter() - self.epoch_started, "the first epoch, timed whole")
+    def on_train_end(self, logs=None):
+        if not self.printed and self.first_epoch is not None:  # a single epoch, or stopped after the first
+            self._report_first_epoch_whole()
 
-    def _report(self, seconds_per_epoch, detail):
+    def _report_first_epoch_whole(self):
+        # From the end of the first step (compiling) to now, with the step's share added back.
+        started = self.epoch_started if self.per_step is None else self.after_first_step - self.per_step
+        seconds = time.perf_counter() - started
+        self._report(seconds, f"the first epoch timed whole: {seconds:.2g} s")
+
+    def _report(self, seconds_per_epoch, detail, mid_epoch=False):
         from vgg_transfer import devices  # the backend's device list, only once it is needed
 
         epochs = self.params["epochs"] - self.first_epoch
         seconds = seconds_per_epoch * epochs
         estimate = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
         longer = "; --subset N (fewer images) or fewer epochs make it shorter" if seconds > self.LONG else ""
-        # Keras's progress bar redraws its line in a terminal: the estimate starts a line of its own.
-        own_line = "\n" if self.params.get("verbose") in (1, "auto") and sys.stdout.isatty() else ""
+        # Keras's progress bar redraws its line in a terminal: a mid-epoch estimate starts a line of its own.
+        terminal_bar = self.params.get("verbose") in (1, "auto") and sys.stdout.isatty()
+        own_line = "\n" if mid_epoch and terminal_bar else ""
         print(f"{own_line}{self.label}: about {estimate} for {epochs} epochs on this {devices.description()} "
               f"({detail}){longer}", flush=True)
         self.printed = True
